@@ -1,0 +1,60 @@
+"""Schedules, layer-wise lr decay ids and parameter groups."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from util.optim import cosine_schedule, layer_id_convnext, param_groups, resolve_lr
+
+
+def test_cosine_schedule_warmup_then_cosine():
+    s = cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=10, warmup_epochs=1)
+    assert len(s) == 40
+    assert s[0] == 0 and s[9] == pytest.approx(1.0)
+    assert s[10] == pytest.approx(1.0) and s[-1] > 0.1 and s[-1] < 0.11
+    assert np.all(np.diff(s[10:]) <= 1e-12)
+
+
+def test_warmup_steps_win_over_epochs():
+    s = cosine_schedule(1.0, 0.0, epochs=2, iters_per_epoch=10, warmup_epochs=1, warmup_steps=3)
+    assert s[2] == pytest.approx(1.0) and s[1] < 1.0 and s[3] == pytest.approx(1.0)
+
+
+def test_layer_ids_follow_the_recipe():
+    depths = [3, 3, 27, 3]
+    single = lambda n: layer_id_convnext(n, depths, "single")
+    assert single("downsample_layers.0.0.weight") == 1
+    assert single("downsample_layers.2.1.weight") == 7
+    assert single("stages.2.5.dwconv.weight") == 12
+    assert single("head.weight") == 37
+    group = lambda n: layer_id_convnext(n, depths, "group")
+    assert group("downsample_layers.0.0.weight") == 0
+    assert group("stages.0.1.dwconv.weight") == 1
+    assert group("stages.2.26.pwconv1.weight") == 3 + 26 // 3 == 11
+    assert group("stages.3.0.pwconv1.weight") == 12 and group("norm.weight") == 13
+
+
+def test_lr_from_blr_uses_global_batch():
+    args = argparse.Namespace(batch_size=32, update_freq=4, lr=None, blr=6.25e-4)
+    assert resolve_lr(args, world_size=8) == 1024
+    assert args.lr == pytest.approx(6.25e-4 * 4)
+
+
+class Tiny(torch.nn.Module):
+    depths = [1, 1, 1, 1]
+
+    def __init__(self):
+        super().__init__()
+        self.downsample_layers = torch.nn.ModuleList([torch.nn.Conv2d(3, 4, 1) for _ in range(4)])
+        self.stages = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(4)])
+        self.head = torch.nn.Linear(4, 2)
+
+
+def test_param_groups_decay_and_no_weight_decay_on_biases():
+    groups = param_groups(Tiny(), 0.05, layer_decay=0.5)
+    by_id = {(g["layer_id"], g["weight_decay"]): g for g in groups}
+    assert by_id[(5, 0.05)]["lr_scale"] == 1.0          # head: top layer
+    assert by_id[(1, 0.05)]["lr_scale"] == 0.5 ** 4      # stem
+    assert all(p.ndim > 1 for g in groups if g["weight_decay"] > 0 for p in g["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(Tiny().parameters()))

@@ -1,0 +1,114 @@
+"""Parameter groups (layer-wise lr decay, no weight decay on biases and 1-D params), the
+optimizer (timm's factory) and the per-iteration lr / weight-decay schedules."""
+import math
+
+import numpy as np
+import torch
+
+from util.errors import UserError
+
+
+def layer_id_convnext(name, depths, decay_type="single"):
+    """Layer id of a ConvNeXt (V2) parameter, as in the original recipe.
+
+    single: every block its own id; group: 12 groups with stage-3 blocks in threes.
+    """
+    if decay_type == "group":
+        if name.startswith("downsample_layers"):
+            stage = int(name.split(".")[1])
+            return {0: 0, 1: 2, 2: 3, 3: 12}[stage]
+        if name.startswith("stages"):
+            stage, block = int(name.split(".")[1]), int(name.split(".")[2])
+            return {0: 1, 1: 2, 3: 12}.get(stage, 3 + block // 3)
+        return 13
+    if name.startswith("downsample_layers"):
+        return sum(depths[: int(name.split(".")[1])]) + 1
+    if name.startswith("stages"):
+        stage, block = int(name.split(".")[1]), int(name.split(".")[2])
+        return sum(depths[:stage]) + block + 1
+    return sum(depths) + 1
+
+
+def param_groups(model, weight_decay, layer_decay=1.0, layer_decay_type="single"):
+    """Groups carry `lr_scale` (layer decay) and `weight_decay` (0 for biases and 1-D tensors)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    depths = getattr(model, "depths", None)
+    if layer_decay < 1.0 and depths is None:  # another architecture: timm knows its layers
+        from timm.optim import param_groups_layer_decay
+        return param_groups_layer_decay(model, weight_decay, list(skip), layer_decay)
+    num_layers = 12 if layer_decay_type == "group" else (sum(depths) if depths else 0)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_wd = p.ndim <= 1 or name.endswith(".bias") or name in skip
+        lid = layer_id_convnext(name, depths, layer_decay_type) if depths and layer_decay < 1.0 else 0
+        scale = layer_decay ** (num_layers + 1 - lid) if layer_decay < 1.0 else 1.0
+        key = (lid, no_wd)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_wd else weight_decay,
+                           "lr_scale": scale, "layer_id": lid}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def create_optimizer(args, model, betas=None):
+    from timm.optim import create_optimizer_v2
+    groups = param_groups(model, args.weight_decay, getattr(args, "layer_decay", 1.0),
+                          getattr(args, "layer_decay_type", "single"))
+    kw = {"eps": args.opt_eps} if getattr(args, "opt_eps", None) is not None else {}
+    betas = betas or getattr(args, "opt_betas", None)
+    if betas:
+        kw["betas"] = tuple(betas)
+    opt_name = getattr(args, "opt", "adamw").lower()
+    if opt_name == "adamw" and str(args.device).startswith("cuda"):
+        kw["fused"] = True
+    try:
+        opt = create_optimizer_v2(groups, opt=opt_name, lr=args.lr, weight_decay=args.weight_decay,
+                                  momentum=getattr(args, "momentum", 0.9), **kw)
+    except (ValueError, AssertionError, KeyError) as e:
+        raise UserError(f"cannot create optimizer --opt {opt_name!r} ({e}); try --opt adamw") from None
+    for g in opt.param_groups:  # which groups the weight-decay schedule may touch
+        g.setdefault("apply_wd", g["weight_decay"] > 0)
+    return opt
+
+
+def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_steps=-1,
+                    start_warmup=0.0):
+    """Per-iteration values: linear warmup from start_warmup, then cosine from base to final.
+    `warmup_steps` > 0 wins over `warmup_epochs`."""
+    warmup_iters = warmup_steps if warmup_steps > 0 else int(warmup_epochs * iters_per_epoch)
+    total = int(epochs * iters_per_epoch)
+    warmup_iters = min(warmup_iters, total)
+    warm = np.linspace(start_warmup, base, warmup_iters) if warmup_iters > 0 else np.array([])
+    t = np.arange(total - warmup_iters)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(math.pi * t / max(len(t), 1)))
+    return np.concatenate((warm, cos))
+
+
+def apply_schedule(optimizer, lr, wd=None):
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+        if wd is not None and g.get("apply_wd", True):
+            g["weight_decay"] = wd
+
+
+def resolve_lr(args, world_size):
+    """lr = blr * global batch / 256 when --lr is not given (the original rule)."""
+    eff = args.batch_size * args.update_freq * world_size
+    if args.lr is None:
+        args.lr = args.blr * eff / 256
+    return eff
+
+
+def check_finite(loss_value, epoch, step):
+    if not math.isfinite(loss_value):
+        raise UserError(f"loss is {loss_value} at epoch {epoch} step {step}; lower --lr/--blr, set "
+                        "--clip_grad, or check the data; the last good checkpoint is untouched")
+
+
+def grad_norm(parameters):
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
