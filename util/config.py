@@ -1,0 +1,257 @@
+"""One resolved config from a YAML file and the command line (command line wins).
+
+A YAML file given with `--config FILE` supplies new *defaults* for the parser's flags; the
+command line is then parsed as usual, so any flag written there overrides the file. Values from
+YAML go through the flag's own `type` and `choices`, so a file and a command line cannot mean
+different things (`blr: 5e-4` is a string to YAML 1.1; `float` makes it 0.0005).
+
+`save_config` writes the resolved flags back as YAML; `--config <run>/config.yaml` reproduces
+them, except the per-launch settings in `PER_LAUNCH` (where the run lives, how it was launched).
+"""
+import argparse
+import difflib
+import json
+import os
+import sys
+
+import yaml
+
+from util.atomic import atomic_write_text
+from util.errors import UserError
+
+# Left out of config.yaml: they describe one launch, not the experiment, and replaying them
+# would be wrong (`force` would fork a new run on every relaunch; `output_dir` in a copied
+# config would make a variant write into the old run; `start_epoch` is a resume position).
+# They are listed in a comment at the top of the file instead.
+PER_LAUNCH = frozenset({
+    "config", "local_rank", "world_size", "dist_url", "dist_on_itp", "resume", "start_epoch",
+    "output_dir", "log_dir", "job_dir", "force", "dry_run",
+    "eval", "preflight",  # one-off modes of a launch (evaluate only, one trial step)
+    "device",  # the scripts replace `auto` by the device found (cuda:0), which may be absent later
+    # Slurm launcher flags: main_*.py does not know them, so a config holding them would not
+    # load there. Give them on the submitit command line.
+    "nodes", "ngpus", "timeout", "partition", "use_volta32", "comment",
+})
+
+# Attributes the scripts put on `args` at run time (util/distributed.py); never flags.
+RUNTIME_ATTRS = frozenset({"rank", "gpu", "distributed", "dist_backend"})
+
+_TRUE = {"true", "1", "yes", "y", "t", "on"}
+_FALSE = {"false", "0", "no", "n", "f", "off"}
+
+
+def str2bool(v):
+    """argparse type for the original boolean flags (`--model_ema True`)."""
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in _TRUE:
+        return True
+    if s in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False, 1/0, yes/no), got {v!r}")
+
+
+class Namespace(argparse.Namespace):
+    """argparse.Namespace that also remembers which attributes are parser flags.
+
+    The set lives in a slot, not in `vars(args)`, so code that dumps `vars(args)` (logs,
+    TensorBoard hparams, checkpoints) does not see it; it survives pickling (submitit) and copy.
+    """
+    __slots__ = ("_flag_dests",)
+
+
+def flag_dests(args):
+    """The parser dests of `args` (frozenset) when it came from `parse_args`, else None."""
+    return getattr(args, "_flag_dests", None)
+
+
+def add_config_args(parser):
+    """Add `--config FILE`; a parser that already has it is returned as it is."""
+    if "--config" in parser._option_string_actions:
+        return parser
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML file of flag values (keys = flag names); command-line flags win")
+    return parser
+
+
+def _dest_actions(parser):
+    """dest -> actions writing it (aliases such as --local_rank/--local-rank share a dest)."""
+    out = {}
+    for a in parser._actions:
+        if a.dest != argparse.SUPPRESS and not isinstance(a, (argparse._HelpAction,
+                                                                argparse._VersionAction)):
+            out.setdefault(a.dest, []).append(a)
+    return out
+
+
+def _find_config(argv):
+    """Last `--config X` / `--config=X` before a bare `--` (argparse also takes the last)."""
+    path = None
+    for i, tok in enumerate(argv):
+        if tok == "--":
+            break
+        if tok == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif tok.startswith("--config="):
+            path = tok[len("--config="):]
+    return path
+
+
+def load_yaml(path):
+    """Read a YAML mapping with yaml.safe_load; user mistakes become UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        where = f" (line {e.problem_mark.line + 1})" if e.problem_mark else ""
+        if "python/" in str(e):
+            raise UserError(f"config {path}{where}: Python tags such as !!python/object are "
+                            "refused; write plain YAML values") from None
+        raise UserError(f"config {path}{where}: unsupported YAML tag; write plain YAML values") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"config {path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config {path}: must be a mapping of flag names to values, "
+                        f"got a {type(data).__name__}")
+    return data
+
+
+def _convert_scalar(action, value, where):
+    """Run one YAML scalar through the flag's type; via str() so 1.5 never becomes int 1."""
+    if value is None:
+        return None
+    if isinstance(value, (list, dict)):
+        raise UserError(f"{where}: expects a single value, got {value!r}")
+    if action.type in (None, str):
+        if isinstance(value, bool):  # `model: yes` or `mode: off` read as booleans by YAML
+            raise UserError(f"{where}: expects text, got the YAML boolean {value!r}; quote it")
+        return str(value)
+    try:
+        return action.type(value if isinstance(value, str) else str(value))
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+        name = getattr(action.type, "__name__", "the flag's type")
+        raise UserError(f"{where}: invalid value {value!r} ({name}: {e})") from None
+
+
+def _convert(action, value, where):
+    if isinstance(action, argparse.BooleanOptionalAction) or (
+            action.nargs == 0 and isinstance(action.const, bool)):  # store_true/false, --x/--no-x
+        if value is None:
+            return None
+        try:
+            return str2bool(value)
+        except argparse.ArgumentTypeError:
+            raise UserError(f"{where}: expects true or false, got {value!r}") from None
+    if isinstance(action, argparse._CountAction):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: expects a whole number, got {value!r}")
+        return value
+    if action.nargs == 0:  # store_const with a non-bool const: take the value as written
+        return value
+    many = action.nargs in ("*", "+", argparse.REMAINDER) or isinstance(action.nargs, int) \
+        or isinstance(action, argparse._AppendAction)
+    if many and value is not None:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expects a list, e.g. [{value!r}]")
+        out = [_convert_scalar(action, v, where) for v in value]
+        if isinstance(action.nargs, int) and len(out) != action.nargs and \
+                not isinstance(action, argparse._AppendAction):
+            raise UserError(f"{where}: expects {action.nargs} values, got {len(out)}")
+    else:
+        out = _convert_scalar(action, value, where)
+    if action.choices is not None and out is not None:
+        for v in (out if isinstance(out, list) else [out]):
+            if v not in action.choices:
+                allowed = ", ".join(str(c) for c in action.choices)
+                raise UserError(f"{where}: {v!r} is not one of: {allowed}")
+    return out
+
+
+def config_values(parser, path):
+    """The YAML file's values, keyed by dest and converted; unknown keys are refused."""
+    data = load_yaml(path)
+    actions = _dest_actions(parser)
+    values = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise UserError(f"config {path}: keys must be flag names, got {key!r}")
+        dest = key if key in actions else key.replace("-", "_")
+        if dest == "config":
+            raise UserError(f"config {path}: a config cannot name another config (key {key!r})")
+        if dest not in actions:
+            close = difflib.get_close_matches(dest, [d for d in actions if d != "config"], n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else "see --help for the flags"
+            raise UserError(f"config {path}: unknown key {key!r} ({hint})")
+        if dest in values:
+            raise UserError(f"config {path}: {dest!r} is given twice")
+        acts = actions[dest]
+        main = next((a for a in acts if a.nargs != 0), acts[0])
+        values[dest] = _convert(main, value, f"config {path}: {key}")
+    return values
+
+
+def parse_args(parser, argv=None):
+    """Parse argv (default sys.argv[1:]) with the `--config` file's values as defaults.
+
+    The parser is left as it was (defaults restored), so it can be used again.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "config" not in _dest_actions(parser):
+        add_config_args(parser)
+    path = _find_config(argv)
+    args = _parse_with(parser, argv, path)
+    if args.config and args.config != path:  # an abbreviation such as --conf reached argparse
+        args = _parse_with(parser, argv, args.config)
+    return args
+
+
+def _parse_with(parser, argv, path):
+    values = config_values(parser, path) if path else {}
+    saved = []
+    for dest, acts in _dest_actions(parser).items():
+        if dest in values:
+            for a in acts:
+                saved.append((a, a.default, a.required))
+                a.default, a.required = values[dest], False  # the file may supply a required flag
+    try:
+        args = parser.parse_args(argv, namespace=Namespace())
+    finally:
+        for a, default, required in saved:
+            a.default, a.required = default, required
+    args._flag_dests = frozenset(_dest_actions(parser))
+    return args
+
+
+def _plain(v):
+    """A YAML-safe (and JSON-safe) form of one value."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(i) for i in v]
+    return str(v)
+
+
+def config_dict(args):
+    """The flags worth saving: parser dests (all attributes if unknown) minus PER_LAUNCH."""
+    dests = flag_dests(args)
+    keys = [k for k in vars(args) if dests is None or k in dests]
+    return {k: _plain(getattr(args, k)) for k in sorted(keys)
+            if k not in PER_LAUNCH and k not in RUNTIME_ATTRS and not k.startswith("_")}
+
+
+def save_config(args, path):
+    """Write the resolved config to `path` as YAML, atomically (call on rank 0 only)."""
+    data = config_dict(args)
+    left_out = {k: _plain(v) for k, v in sorted(vars(args).items()) if k in PER_LAUNCH}
+    header = ("# Resolved config; reuse with --config (command-line flags still win).\n"
+              f"# Left out, per launch: {json.dumps(left_out, default=str)}\n")
+    text = yaml.safe_dump(data, sort_keys=True, default_flow_style=False, allow_unicode=True)
+    atomic_write_text(path, header + text)

@@ -1,0 +1,461 @@
+"""Run directories named by what they compute, and run.json, the record of each run.
+
+A run's *signature* is a hash of the settings that change its result. Launching the same
+settings again finds the same directory and resumes it; a completed one is refused unless
+--force. See docs/runs.md.
+
+Global batch rule: batch_size, update_freq and world_size enter the signature only as their
+product, `global_batch`. 1 GPU x 64, 2 GPUs x 32 and 1 GPU x 32 x update_freq 2 are the same
+run: the recipe (lr = blr * global_batch / 256, the schedule, the optimizer steps) is the same
+and ConvNeXt V2 has no batch statistics; only floating-point rounding and the order samples
+are drawn in differ, which is what moving a run to another machine changes anyway.
+Likewise lr and blr enter only as the effective lr (blr * global_batch / 256 unless --lr).
+"""
+import argparse
+import datetime
+import functools
+import hashlib
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+
+from util.atomic import atomic_write_json
+from util.config import RUNTIME_ATTRS, flag_dests
+from util.errors import UserError, exit_on_user_error
+
+SIGNATURE_VERSION = 1  # bump when the signature's meaning changes; every run then gets a new one
+KINDS = ("finetune", "pretrain")
+STATUSES = ("running", "completed", "failed", "preempted")
+DEFAULT_ROOT = "runs"
+RECORD = "run.json"
+CONFIG = "config.yaml"
+
+# Settings that do not change what a run computes. Anything not listed here counts (safer).
+OUTCOME_EXCLUDED = frozenset({
+    # where things go and how often
+    "output_dir", "log_dir", "job_dir", "runs_root", "print_freq",
+    "save_ckpt", "save_ckpt_freq", "save_ckpt_num", "save_ckpt_minutes",
+    # input pipeline speed, device placement
+    "num_workers", "pin_mem", "device", "model_ema_force_cpu",
+    # speed flags: change floating-point rounding only, like a different GPU would
+    "channels_last", "compile", "compile_mode", "cudnn_benchmark", "benchmark",
+    # distributed and launcher settings (world_size enters through global_batch)
+    "world_size", "local_rank", "dist_on_itp", "dist_url", "dist_timeout", "dist_backend",
+    "dist_eval",  # our evaluation counts exactly, so sharding it changes nothing
+    # resuming and run management
+    "resume", "auto_resume", "force", "config", "start_epoch",
+    "eval",  # evaluate-only launches make no run of their own
+    "optimize_config", "dry_run", "preflight",
+    # Slurm
+    "nodes", "ngpus", "timeout", "partition", "use_volta32", "comment", "account", "qos",
+    "constraint", "mem_gb", "cpus_per_task",
+}) | RUNTIME_ATTRS
+
+
+class RunCompleted(Exception):
+    """The run these settings name has completed; the caller prints the message and exits 0."""
+
+    def __init__(self, message, run_dir=None, record=None):
+        super().__init__(message)
+        self.run_dir, self.record = run_dir, record
+
+
+# ---------------------------------------------------------------- signature
+
+def _canonical(v):
+    """Equal settings give equal JSON: 0 == 0.0 (a float flag's int default), tuple == list."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, (list, tuple)):
+        return [_canonical(i) for i in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def settings(args, world_size):
+    """The settings the signature hashes: outcome-changing flags, with global_batch."""
+    dests = flag_dests(args)
+    out = {k: _canonical(v) for k, v in vars(args).items()
+           if (dests is None or k in dests) and k not in OUTCOME_EXCLUDED
+           and not k.startswith("_")}
+    global_batch = None
+    if getattr(args, "batch_size", None) is not None:
+        out.pop("batch_size", None)
+        out.pop("update_freq", None)
+        global_batch = args.batch_size * (getattr(args, "update_freq", None) or 1) * int(world_size)
+        out["global_batch"] = global_batch
+    # Only the effective lr matters: `--lr X` and the blr that gives X are the same run, and so
+    # is an args.lr the script derived from blr (util/optim.resolve_lr) before asking.
+    if "lr" in out or "blr" in out:
+        lr, blr = out.pop("lr", None), out.pop("blr", None)
+        if lr is None and blr is not None and global_batch is not None:
+            lr = blr * global_batch / 256
+        if lr is None:
+            out["blr"] = blr
+        out["lr"] = None if lr is None else _canonical(float(f"{float(lr):.12g}"))
+    return out
+
+
+def signature(args, world_size, kind):
+    """sha256 hex of the canonical JSON of `settings(args, world_size)`, the kind and a salt."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    blob = json.dumps({"kind": kind, "settings": settings(args, world_size),
+                       "version": SIGNATURE_VERSION}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def run_name(args, world_size, kind):
+    """`<model>-<first 10 hex of the signature>`."""
+    model = re.sub(r"[^A-Za-z0-9._-]+", "_", str(getattr(args, "model", None) or "run"))
+    return f"{model}-{signature(args, world_size, kind)[:10]}"
+
+
+# ---------------------------------------------------------------- run directory
+
+def _siblings(base):
+    """{n: path} of base (n=1) and its --force siblings base-r2, base-r3, ..."""
+    parent, name = os.path.split(base)
+    pattern = re.compile(re.escape(name) + r"(?:-r(\d+))?")
+    found = {}
+    if os.path.isdir(parent or "."):
+        for entry in os.listdir(parent or "."):
+            m = pattern.fullmatch(entry)
+            n = int(m.group(1) or 1) if m else 0
+            if n and (n >= 2 or not m.group(1)) and os.path.isdir(os.path.join(parent, entry)):
+                found[n] = os.path.join(parent, entry)
+    return found
+
+
+def _best_text(record):
+    best = (record or {}).get("best_metric") or {}
+    if best.get("value") is None:
+        return "no best metric recorded"
+    return f"best {best.get('name') or 'metric'} {best['value']:.4g}"
+
+
+def prepare_run_dir(args, kind, world_size):
+    """The directory this run uses (created); pure given the filesystem, so call it on rank 0
+    and broadcast the answer (a --force on every rank would race for the next suffix).
+
+    - `args.output_dir` set: that directory, as is.
+    - else `<runs_root>/<kind>/<model>-<sig10>`, or its newest --force sibling `-rN`;
+      raises RunCompleted when that one completed (not for `--eval`: evaluating is fine).
+    - `args.force`: a fresh sibling after the newest (`-r2`, `-r3`, ...). The caller must point
+      relaunches (requeue) at the chosen directory with `output_dir`, or they fork again.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    explicit = getattr(args, "output_dir", None)
+    if explicit:
+        os.makedirs(explicit, exist_ok=True)
+        return str(explicit)
+    root = getattr(args, "runs_root", None) or DEFAULT_ROOT
+    base = os.path.join(root, kind, run_name(args, world_size, kind))
+    found = _siblings(base)
+    newest = max(found) if found else None
+    if getattr(args, "force", False):
+        path = base if newest is None else f"{base}-r{newest + 1}"
+    else:
+        path = base if newest is None else found[newest]
+        record = RunRecord.load(path)
+        if record and record.get("status") == "completed" and not getattr(args, "eval", False):
+            raise RunCompleted(f"run already completed: {path} ({_best_text(record)}); "
+                               "pass --force to start a fresh run beside it",
+                               run_dir=path, record=record)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------- run record
+
+def _now():
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@functools.lru_cache(maxsize=1)
+def git_state():
+    """(commit, dirty) of the repository this code lives in; (None, None) outside git.
+
+    Untracked files do not count as dirty: run directories inside the checkout would
+    otherwise mark every run.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode != 0:
+            return None, None
+        status = subprocess.run(["git", "-C", here, "status", "--porcelain",
+                                 "--untracked-files=no"], capture_output=True, text=True,
+                                timeout=30)
+        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+        return commit.stdout.strip(), dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def versions():
+    import platform
+    out = {"python": platform.python_version(), "torch": None, "timm": None, "cuda": None,
+           "cudnn": None}
+    try:
+        import torch
+        out.update(torch=torch.__version__, cuda=torch.version.cuda)
+        if torch.backends.cudnn.is_available():
+            out["cudnn"] = torch.backends.cudnn.version()
+    except Exception:  # a record must not stop a run
+        pass
+    try:
+        import timm
+        out["timm"] = timm.__version__
+    except Exception:
+        pass
+    return out
+
+
+def slurm_info():
+    """Slurm job ids and restart count from the environment, or None outside Slurm."""
+    env = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID",
+           "array_task_id": "SLURM_ARRAY_TASK_ID", "restart_count": "SLURM_RESTART_COUNT"}
+    out = {k: os.environ[v] for k, v in env.items() if os.environ.get(v)}
+    if "restart_count" in out and out["restart_count"].isdigit():
+        out["restart_count"] = int(out["restart_count"])
+    return out or None
+
+
+DEFAULT_METRIC = {"finetune": "acc1", "pretrain": "loss"}
+_RESERVED = frozenset({
+    "format", "name", "run_dir", "kind", "signature", "signature_version", "status", "reason",
+    "git_commit", "git_dirty", "command", "hostnames", "world_size", "versions", "slurm",
+    "started", "ended", "updated", "epoch", "step", "total_epochs", "best_metric", "restarts"})
+
+
+class RunRecord:
+    """`<run_dir>/run.json`: provenance, status and progress, rewritten atomically by rank 0.
+
+    Fields written earlier (first start time, best metric, extras) are kept across restarts.
+    `epoch`, `step` are the position reached, as a resume would start from it: the 0-based
+    epoch in progress and the step inside it; after epoch e ends, (e + 1, 0). So with step 0,
+    `epoch` counts finished epochs, and `python -m util.runs` shows `epoch/total_epochs`.
+    """
+
+    def __init__(self, run_dir, args, kind, world_size=1, is_main=True, hostnames=None):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.run_dir, self.args, self.kind = str(run_dir), args, kind
+        self.world_size, self.is_main = int(world_size), bool(is_main)
+        self.hostnames = list(hostnames) if hostnames else [socket.gethostname()]
+        self.path = os.path.join(self.run_dir, RECORD)
+        self.signature = signature(args, self.world_size, kind)
+        self.data = (self.load(self.run_dir) or {}) if self.is_main else {}
+
+    @staticmethod
+    def load(run_dir):
+        """run.json of `run_dir` as a dict, or None when there is none."""
+        path = os.path.join(run_dir, RECORD)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is unreadable ({e}); fix or delete it") from None
+        return data if isinstance(data, dict) else None
+
+    def _extra(self, extra):
+        bad = sorted(set(extra) & _RESERVED)
+        if bad:
+            raise ValueError(f"run.json fields {bad} are set by RunRecord itself")
+        self.data.update(extra)
+
+    def _write(self):
+        self.data["updated"] = _now()
+        os.makedirs(self.run_dir, exist_ok=True)
+        atomic_write_json(self.path, self.data)
+
+    def start(self, resumed=False, start_epoch=0, start_step=0, **extra):
+        """Mark the run running and append this launch to `restarts`."""
+        if not self.is_main:
+            return
+        now, d = _now(), self.data
+        commit, dirty = git_state()
+        sig = self.signature
+        d.update(format=1, name=os.path.basename(os.path.abspath(self.run_dir)),
+                 run_dir=os.path.abspath(self.run_dir), kind=self.kind, signature=sig,
+                 signature_version=SIGNATURE_VERSION, status="running", reason=None, ended=None,
+                 git_commit=commit, git_dirty=dirty, command=shlex.join(sys.argv),
+                 hostnames=self.hostnames, world_size=self.world_size, versions=versions(),
+                 slurm=slurm_info(), epoch=int(start_epoch), step=int(start_step),
+                 total_epochs=getattr(self.args, "epochs", None))
+        d.setdefault("started", now)
+        d.setdefault("best_metric", None)
+        d.setdefault("restarts", []).append({
+            "time": now, "resumed": bool(resumed), "start_epoch": int(start_epoch),
+            "start_step": int(start_step), "world_size": self.world_size,
+            "hostnames": self.hostnames, "slurm": d["slurm"], "git_commit": commit,
+            "signature": sig})
+        self._extra(extra)
+        self._write()
+
+    def update(self, epoch=None, step=None, best_metric=None, metric_name=None, **extra):
+        """Record progress. `best_metric`: the best value so far, a number (named by
+        `metric_name`, else the earlier name, else acc1 / loss) or a dict with `value`, `name`
+        and anything else (e.g. `epoch`); a value of None leaves the record as it was."""
+        if not self.is_main:
+            return
+        if epoch is not None:
+            self.data["epoch"] = int(epoch)
+        if step is not None:
+            self.data["step"] = int(step)
+        best = dict(best_metric) if isinstance(best_metric, dict) else {"value": best_metric}
+        if best.get("value") is not None:
+            old = self.data.get("best_metric") or {}
+            best["name"] = best.get("name") or metric_name or old.get("name") \
+                or DEFAULT_METRIC[self.kind]
+            best["value"] = float(best["value"])
+            self.data["best_metric"] = best
+        self._extra(extra)
+        self._write()
+
+    def finish(self, status, reason=None, **extra):
+        """Final status: completed | failed | preempted (reason: why it failed)."""
+        if status not in STATUSES[1:]:
+            raise ValueError(f"finish status must be one of {STATUSES[1:]}, got {status!r}")
+        if not self.is_main:
+            return
+        self.data.update(status=status, reason=reason, ended=_now())
+        self._extra(extra)
+        self._write()
+
+
+# ---------------------------------------------------------------- CLI
+
+def find_runs(root, max_depth=4):
+    """[(run_dir, record)] for every run.json under root, at most max_depth folders down."""
+    if not os.path.isdir(root):
+        raise UserError(f"no such directory: {root}")
+    out = []
+    root_depth = os.path.abspath(root).rstrip(os.sep).count(os.sep)
+    for dirpath, dirnames, filenames in os.walk(root):
+        depth = os.path.abspath(dirpath).rstrip(os.sep).count(os.sep) - root_depth
+        if RECORD in filenames:
+            record = RunRecord.load(dirpath)
+            if record is not None:
+                out.append((dirpath, record))
+            dirnames[:] = []  # a run's own folders hold no runs
+        elif depth >= max_depth:
+            dirnames[:] = []
+        else:
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    return out
+
+
+def _parse_time(s):
+    try:
+        return datetime.datetime.fromisoformat(s).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _total_epochs(run_dir, record):
+    if record.get("total_epochs") is not None:
+        return record["total_epochs"]
+    try:
+        from util.config import load_yaml
+        return load_yaml(os.path.join(run_dir, CONFIG)).get("epochs")
+    except UserError:
+        return None
+
+
+def _row(run_dir, r):
+    total, epoch = _total_epochs(run_dir, r), r.get("epoch")
+    if epoch is None:
+        progress = "-"
+    elif total:
+        progress = f"{epoch}/{total}"
+    else:
+        progress = str(epoch)
+    best = r.get("best_metric") or {}
+    best = f"{best.get('name')}={best['value']:.4g}" if best.get("value") is not None else "-"
+    t = _parse_time(r.get("updated"))
+    updated = datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else "-"
+    return [r.get("name") or os.path.basename(run_dir), (r.get("signature") or "-")[:10],
+            r.get("kind") or "-", r.get("status") or "-", progress, best, updated]
+
+
+def list_runs(root, status=None, out=sys.stdout):
+    runs = [(d, r) for d, r in find_runs(root) if status is None or r.get("status") == status]
+    if not runs:
+        print(f"no runs under {root}" + (f" with status {status}" if status else ""), file=out)
+        return
+    runs.sort(key=lambda dr: _parse_time(dr[1].get("updated")), reverse=True)
+    rows = [["NAME", "SIGNATURE", "KIND", "STATUS", "PROGRESS", "BEST", "UPDATED"]]
+    rows += [_row(d, r) for d, r in runs]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+
+
+def resolve_run(spec, root):
+    """A run directory from a path, or a name or signature prefix (else a name part) under root."""
+    if os.path.isfile(os.path.join(spec, RECORD)):
+        return spec
+    if os.path.isdir(spec) and os.sep in spec:
+        raise UserError(f"{spec} holds no {RECORD}: not a run directory")
+    if not os.path.isdir(root):
+        raise UserError(f"no run {spec!r}: not a run directory, and no runs root {root!r} "
+                        "(use --root)")
+    found = [(d, r.get("name") or os.path.basename(d), r.get("signature") or "")
+             for d, r in find_runs(root)]
+    hits = [d for d, name, sig in found if name.startswith(spec) or sig.startswith(spec)]
+    if not hits:  # `atto` for convnextv2_atto-1234567890
+        hits = [d for d, name, _ in found if spec in name]
+    if not hits:
+        raise UserError(f"no run matches {spec!r} under {root} (python -m util.runs {root} lists them)")
+    if len(hits) > 1:
+        raise UserError(f"{spec!r} matches {len(hits)} runs ({', '.join(sorted(hits)[:5])}); "
+                        "give more of the name or signature")
+    return hits[0]
+
+
+def show_run(spec, root, out=sys.stdout):
+    run_dir = resolve_run(spec, root)
+    print(f"# {os.path.join(run_dir, RECORD)}", file=out)
+    print(json.dumps(RunRecord.load(run_dir), indent=2, sort_keys=True), file=out)
+    cfg = os.path.join(run_dir, CONFIG)
+    if os.path.isfile(cfg):
+        print(f"\n# {cfg}", file=out)
+        with open(cfg, encoding="utf-8") as f:
+            print(f.read().rstrip("\n"), file=out)
+    else:
+        print(f"\n# no {CONFIG} in {run_dir}", file=out)
+
+
+@exit_on_user_error
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["show"]:
+        p = argparse.ArgumentParser(prog="python -m util.runs show",
+                                    description="Print a run's run.json and config.yaml.")
+        p.add_argument("run", help="run directory, or a name or signature prefix")
+        p.add_argument("--root", default=DEFAULT_ROOT, help="where to search for the run")
+        a = p.parse_args(argv[1:])
+        show_run(a.run, a.root)
+        return
+    p = argparse.ArgumentParser(prog="python -m util.runs",
+                                description="List runs (newest update first). "
+                                            "`python -m util.runs show RUN` prints one.")
+    p.add_argument("root", nargs="?", default=DEFAULT_ROOT, help="folder holding runs")
+    p.add_argument("--status", choices=STATUSES, help="only runs with this status")
+    a = p.parse_args(argv)
+    list_runs(a.root, a.status)
+
+
+if __name__ == "__main__":
+    main()
