@@ -1,0 +1,313 @@
+"""Fine-tune a ConvNeXt V2 (or any timm) model for image classification.
+
+The same code runs a single-process CPU debug run, `torchrun --nproc_per_node=N` and Slurm jobs
+(submitit_finetune.py); only util/distributed.py knows which.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import util.distributed as du
+from engine_finetune import evaluate, train_one_epoch
+from util.common_args import add_common_args
+from util.config import add_config_args, parse_args, str2bool
+from util.errors import UserError, exit_on_user_error
+from util.logger import TensorBoard, append_json_log
+from util.preemption import Preempted, StopSignals
+from util.train_loop import Amp, LoopState
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("ConvNeXt V2 fine-tuning and evaluation", allow_abbrev=False)
+    add_common_args(parser, epochs=100, blr=5e-4, min_lr=1e-6, warmup_epochs=20)
+    a = parser.add_argument
+    a("--drop_path", type=float, default=0.0, help="drop path rate")
+    a("--layer_decay_type", type=str, choices=["single", "group"], default="single")
+    a("--layer_decay", type=float, default=1.0)
+    # EMA
+    a("--model_ema", type=str2bool, default=False)
+    a("--model_ema_decay", type=float, default=0.9999)
+    a("--model_ema_force_cpu", type=str2bool, default=False)
+    a("--model_ema_eval", type=str2bool, default=False, help="also evaluate (and pick best by) the EMA model")
+    # optimizer
+    a("--weight_decay_end", type=float, default=None, help="final weight decay of a cosine wd schedule")
+    a("--opt", default="adamw", type=str)
+    a("--opt_eps", default=1e-8, type=float)
+    a("--opt_betas", default=None, type=float, nargs="+")
+    a("--momentum", type=float, default=0.9)
+    # augmentation
+    a("--color_jitter", type=float, default=None)
+    a("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="RandAugment policy; none to disable")
+    a("--smoothing", type=float, default=0.1, help="label smoothing")
+    a("--train_interpolation", type=str, default="bicubic")
+    a("--reprob", type=float, default=0.25, help="random erase probability")
+    a("--remode", type=str, default="pixel")
+    a("--recount", type=int, default=1)
+    a("--resplit", type=str2bool, default=False)
+    a("--mixup", type=float, default=0)
+    a("--cutmix", type=float, default=0)
+    a("--cutmix_minmax", type=float, nargs="+", default=None)
+    a("--mixup_prob", type=float, default=1.0)
+    a("--mixup_switch_prob", type=float, default=0.5)
+    a("--mixup_mode", type=str, default="batch")
+    # fine-tuning
+    a("--finetune", default="", help="checkpoint to start from (ours, FCMAE, or official)")
+    a("--head_init_scale", default=0.001, type=float)
+    a("--model_key", default="model|module", type=str)
+    a("--model_prefix", default="", type=str)
+    a("--nb_classes", default=1000, type=int, help="set from the dataset")
+    a("--eval_data_path", default=None, type=str)
+    a("--eval", type=str2bool, default=False, help="only evaluate (with --resume or --finetune)")
+    a("--dist_eval", type=str2bool, default=True)
+    a("--disable_eval", type=str2bool, default=False)
+    add_config_args(parser)
+    return parser
+
+
+def validate_args(args):
+    checks = [
+        (args.batch_size >= 1, "--batch_size must be >= 1"),
+        (args.update_freq >= 1, "--update_freq must be >= 1"),
+        (args.epochs >= 1, "--epochs must be >= 1"),
+        (args.input_size >= 16, "--input_size must be >= 16"),
+        (0 <= args.drop_path < 1, "--drop_path must be in [0, 1)"),
+        (0 < args.layer_decay <= 1, "--layer_decay must be in (0, 1]"),
+        (0 <= args.smoothing < 1, "--smoothing must be in [0, 1)"),
+        (0 <= args.reprob <= 1, "--reprob must be in [0, 1]"),
+        (args.save_ckpt_num >= 1, "--save_ckpt_num must be >= 1"),
+        (2 <= args.synthetic_classes <= 10, "--synthetic_classes must be between 2 and 10"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+    for flag in ("finetune", "resume"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise UserError(f"--{flag} {path}: no such file; give the path of a .pth checkpoint")
+    if args.eval and not (args.resume or args.finetune):
+        raise UserError("--eval True needs --resume or --finetune to know which weights to evaluate")
+
+
+def build_mixup(args, nb_classes):
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=nb_classes)
+
+
+def build_criterion(args, mixup_fn):
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if mixup_fn is not None:
+        return SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def load_finetune_weights(args, model):
+    """Start from a checkpoint's weights: ours (fine-tune or FCMAE) or an official one."""
+    from models.weights import encoder_state_dict, load_into
+    from util.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(args.finetune)
+    sd = ckpt
+    if isinstance(ckpt, dict):
+        for key in args.model_key.split("|"):
+            if key in ckpt:
+                sd = ckpt[key]
+                break
+    if args.model_prefix:
+        sd = {k[len(args.model_prefix):]: v for k, v in sd.items() if k.startswith(args.model_prefix)}
+    if hasattr(model, "stages"):
+        sd = encoder_state_dict(sd)
+    missing, unexpected = load_into(model, sd)
+    print(f"loaded {args.finetune}: missing keys {missing or 'none'}, unexpected keys {unexpected or 'none'}")
+    src = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+    return {"finetune_from": os.path.abspath(args.finetune),
+            "finetune_from_signature": (ckpt.get("extra") or {}).get("signature") if isinstance(ckpt, dict) else None,
+            "finetune_from_model": src.get("model")}
+
+
+def maybe_compile(model, enabled):
+    if not enabled:
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as e:  # an environment without a working compiler: train eagerly
+        print(f"warning: torch.compile is not available here ({type(e).__name__}: {e}); running eagerly")
+        return model
+
+
+@exit_on_user_error
+def main(args, epoch_callback=None):
+    """Train (or with --eval only evaluate). `epoch_callback(epoch, log)` runs after each epoch
+    on every rank (the hyperparameter search reports and prunes there)."""
+    validate_args(args)
+    info = du.init_distributed(args)
+    device, world = info.device, info.world_size
+    from util.run_context import (TrainingState, open_run, resume_point, save_epoch_checkpoints,
+                                  seed_everything)
+    seed_everything(args.seed, info.rank)
+    torch.backends.cudnn.benchmark = True
+
+    from util.data import build_dataset, build_eval_loader, build_train_loader, check_same_classes
+    train_set, nb_classes = build_dataset(True, args)
+    val_set = None if args.disable_eval and not args.eval else build_dataset(False, args)[0]
+    if val_set is not None:
+        check_same_classes(train_set, val_set)
+    args.nb_classes = nb_classes
+
+    from util.optim import cosine_schedule, create_optimizer, resolve_lr
+    eff_batch = resolve_lr(args, world)
+    run_dir, record = open_run(args, "finetune", world)
+    if hasattr(train_set, "bad_log"):
+        from util.data import BadImageLog
+        train_set.bad_log = BadImageLog(os.path.join(run_dir, "bad_images.txt"))
+
+    from models import create_model
+    model = create_model(args.model, num_classes=nb_classes, drop_path_rate=args.drop_path,
+                         head_init_scale=args.head_init_scale)
+    extra = {}
+    if args.finetune:
+        extra = load_finetune_weights(args, model)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model_ema = None
+    if args.model_ema:
+        from timm.utils import ModelEmaV3
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                               device="cpu" if args.model_ema_force_cpu else None)
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model {args.model}: {n_parameters / 1e6:.2f}M parameters; lr {args.lr:.3e}, "
+          f"global batch {eff_batch} ({args.batch_size} x {args.update_freq} x {world})")
+    optimizer = create_optimizer(args, model_without_ddp)
+    amp = Amp.create(args.use_amp, device)
+    if info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = maybe_compile(model, args.compile)
+
+    train_loader = build_train_loader(train_set, args, world, info.rank)
+    val_loader = build_eval_loader(val_set, args, world, info.rank) if val_set is not None else None
+    updates_per_epoch = len(train_loader) // args.update_freq
+    if updates_per_epoch < 1:
+        raise UserError("one epoch has fewer batches than --update_freq; lower --update_freq or --batch_size")
+    lr_schedule = cosine_schedule(args.lr, args.min_lr, args.epochs, updates_per_epoch,
+                                  args.warmup_epochs, args.warmup_steps)
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    wd_schedule = cosine_schedule(args.weight_decay, wd_end, args.epochs, updates_per_epoch)
+    mixup_fn = build_mixup(args, nb_classes)
+    criterion = build_criterion(args, mixup_fn)
+
+    tstate = TrainingState(args, model_without_ddp, optimizer, amp.scaler, model_ema)
+    tstate.extra.update(extra)
+    tstate.extra["signature"] = record.signature
+    start_epoch, start_step, resumed_from = resume_point(args, tstate)
+
+    if args.eval:
+        stats = evaluate(val_loader, model, device, amp, reduce=args.dist_eval, channels_last=args.channels_last)
+        print(f"Accuracy of the network on the {stats['n']} test images: {stats['acc1']:.2f}%")
+        if du.is_main_process():
+            from util.atomic import atomic_write_json
+            atomic_write_json(os.path.join(run_dir, "eval.json"), stats)
+        du.cleanup()
+        return stats
+
+    if args.preflight:
+        from util.preflight import preflight
+        preflight(args, train_model, criterion, train_loader, optimizer, device, amp, updates_per_epoch)
+        du.cleanup()
+        return None
+
+    if start_epoch >= args.epochs:
+        print(f"run {run_dir} has already trained {args.epochs} epochs")
+    tb = TensorBoard(args.log_dir, purge_step=start_epoch * updates_per_epoch + start_step // args.update_freq
+                     if resumed_from else None)
+    stop = StopSignals(args.save_ckpt_minutes, info.rank).install()
+
+    def save_last(epoch, step, tag):
+        tstate.save(os.path.join(run_dir, "checkpoint-last.pth"), epoch=epoch, step=step,
+                    updates_per_epoch=updates_per_epoch, update_freq=args.update_freq, epoch_done=False)
+        record.update(epoch=epoch, step=step)
+
+    loop = LoopState(amp=amp, update_freq=args.update_freq, clip_grad=args.clip_grad, lr_schedule=lr_schedule,
+                     wd_schedule=wd_schedule, updates_per_epoch=updates_per_epoch, model_ema=model_ema,
+                     print_freq=args.print_freq, tb=tb, stop=stop, save_fn=save_last,
+                     skip_nonfinite=args.skip_nonfinite, channels_last=args.channels_last, world_size=world)
+    record.start(resumed=resumed_from is not None, start_epoch=start_epoch, start_step=start_step,
+                 n_parameters=n_parameters, **extra)
+    best_name = "test_acc1_ema" if (args.model_ema and args.model_ema_eval) else "test_acc1"
+    print(f"start training for {args.epochs} epochs from epoch {start_epoch} step {start_step}")
+    t_start = time.time()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            step0 = start_step if epoch == start_epoch else 0
+            train_loader.sampler.set_epoch(epoch, start=step0 * args.batch_size)
+            train_stats = train_one_epoch(train_model, criterion, train_loader, optimizer, device, epoch, loop,
+                                          mixup_fn=mixup_fn, start_step=step0)
+            log = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
+            if val_loader is not None:
+                test_stats = evaluate(val_loader, model, device, amp, reduce=args.dist_eval,
+                                      channels_last=args.channels_last)
+                log.update({f"test_{k}": v for k, v in test_stats.items()})
+                if model_ema is not None and args.model_ema_eval:
+                    ema_stats = evaluate(val_loader, model_ema.module, device, amp, reduce=args.dist_eval,
+                                         channels_last=args.channels_last)
+                    log.update({f"test_{k}_ema": v for k, v in ema_stats.items()})
+            value = log.get(best_name)
+            is_best = value is not None and (tstate.best["value"] is None or value > tstate.best["value"])
+            if is_best:
+                tstate.best = {"name": best_name, "value": value, "epoch": epoch}
+            tstate.extra["skipped_steps"] = loop.skipped_steps
+            save_epoch_checkpoints(args, tstate, epoch, updates_per_epoch, is_best)
+            bad = _bad_images(train_set, args)
+            log.update({"n_parameters": n_parameters, "bad_images": bad,
+                        "best_" + best_name: tstate.best["value"]})
+            append_json_log(run_dir, log)
+            tb.scalars(epoch, prefix="epoch/", **{k: v for k, v in log.items()
+                                                  if isinstance(v, (int, float)) and k != "epoch"})
+            tb.flush()
+            record.update(epoch=epoch + 1, step=0, best_metric=tstate.best, bad_images=bad)
+            if epoch_callback is not None:
+                epoch_callback(epoch, log)
+    except Preempted as p:
+        record.finish("preempted", reason=str(p))
+        print(f"preempted: state saved in {run_dir}/checkpoint-last.pth; run the same command to resume")
+        tb.close()
+        stop.uninstall()
+        du.cleanup()
+        return {"status": "preempted"}
+    except BaseException as e:
+        record.finish("failed", reason=f"{type(e).__name__}: {e}")
+        raise
+    total = time.time() - t_start
+    record.finish("completed")
+    tb.close()
+    stop.uninstall()
+    print(f"training time {total:.0f} s; best {best_name} {tstate.best['value']}")
+    du.cleanup()
+    return {"status": "completed", "best": tstate.best}
+
+
+def _bad_images(train_set, args):
+    log = getattr(train_set, "bad_log", None)
+    if log is None:
+        return 0
+    entries = log.entries()
+    if len(entries) > args.max_bad_images:
+        listed = "; ".join(e.split("\t")[0] for e in entries[:5])
+        raise UserError(f"{len(entries)} unreadable images (more than --max_bad_images {args.max_bad_images}), "
+                        f"e.g. {listed}; full list in {log.path}; fix or remove them")
+    return len(entries)
+
+
+if __name__ == "__main__":
+    args = parse_args(get_args_parser())
+    main(args)

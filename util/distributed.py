@@ -1,0 +1,146 @@
+"""Where am I running? Rank, world size, local rank and device from torchrun,
+`torch.distributed.launch`, Slurm (srun / submitit) or nothing (one process).
+
+This is the only module that knows about launchers; everything else asks `get_rank()` and
+`get_world_size()`. NCCL on CUDA, gloo on CPU.
+"""
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from util.errors import UserError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    distributed: bool = False
+    launcher: str = "none"
+
+
+def _slurm_master_addr():
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "127.0.0.1"
+
+
+def detect_launcher(local_rank_flag=-1):
+    """Return (launcher, rank, world_size, local_rank) from the environment."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, torch.distributed.launch, submitit export
+        local = int(env.get("LOCAL_RANK", local_rank_flag if local_rank_flag >= 0 else 0))
+        return "torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), local
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # plain srun
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return ("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                int(env.get("SLURM_LOCALID", "0")))
+    return "none", 0, 1, max(local_rank_flag, 0)
+
+
+def resolve_device(name, local_rank=0):
+    if name in ("auto", "", None):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for CUDA but none is available; "
+                            "use --device cpu or --device auto")
+        return torch.device("cuda", local_rank if name == "cuda" else int(name.split(":")[1]))
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps is not available here; use --device auto")
+    return torch.device(name)
+
+
+def init_distributed(args):
+    """Set up the process group (when launched with several processes) and the device.
+
+    Writes rank, world_size, gpu (local rank), distributed and device onto `args`, as the
+    original scripts did, and returns a DistInfo.
+    """
+    launcher, rank, world, local = detect_launcher(getattr(args, "local_rank", -1))
+    device = resolve_device(getattr(args, "device", "auto"), local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=float(getattr(args, "dist_timeout", 600)))
+        if launcher == "slurm":
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        dist.init_process_group(backend=backend, init_method=getattr(args, "dist_url", "env://"),
+                                world_size=world, rank=rank, timeout=timeout)
+    args.rank, args.world_size, args.gpu, args.distributed = rank, world, local, distributed
+    args.device = str(device)
+    setup_for_distributed(rank == 0)
+    return DistInfo(rank, world, local, device, distributed, launcher)
+
+
+def setup_for_distributed(is_master):
+    """Silence print() on ranks other than 0 (print(..., force=True) still prints)."""
+    import builtins
+    builtin_print = getattr(builtins.print, "_original", builtins.print)
+
+    def print_(*a, force=False, **kw):
+        if is_master or force:
+            builtin_print(*a, **kw)
+    print_._original = builtin_print
+    builtins.print = print_
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def broadcast_object(obj, src=0):
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj):
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t):
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def cleanup():
+    if is_dist():
+        dist.destroy_process_group()

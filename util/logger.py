@@ -1,0 +1,74 @@
+"""Console progress lines, the per-epoch JSON log (log.txt) and TensorBoard, rank 0 only."""
+import datetime
+import json
+import os
+import time
+from collections import defaultdict
+
+from util.distributed import is_main_process
+
+
+class StepMeter:
+    """Running averages of scalars; values are Python floats read only on logging steps."""
+
+    def __init__(self):
+        self.sum, self.count, self.last = defaultdict(float), defaultdict(int), {}
+
+    def update(self, n=1, **values):
+        for k, v in values.items():
+            v = float(v)
+            self.sum[k] += v * n
+            self.count[k] += n
+            self.last[k] = v
+
+    def avg(self, k):
+        return self.sum[k] / max(self.count[k], 1)
+
+    def averages(self):
+        return {k: self.avg(k) for k in self.sum}
+
+
+def progress_line(header, step, total, start_time, step_in_run, meter, img_per_s):
+    elapsed = time.time() - start_time
+    eta = elapsed / max(step_in_run, 1) * (total - step)
+    parts = [f"{header} [{step}/{total}]", f"eta {datetime.timedelta(seconds=int(eta))}"]
+    for k, v in meter.last.items():
+        parts.append(f"{k} {v:.4g} ({meter.avg(k):.4g})")
+    parts.append(f"{img_per_s:.1f} img/s")
+    return "  ".join(parts)
+
+
+class TensorBoard:
+    """A SummaryWriter on rank 0 (nothing elsewhere); `purge_step` drops events past a resume
+    point so a resumed run does not show duplicate steps."""
+
+    def __init__(self, log_dir, purge_step=None):
+        self.writer = None
+        if log_dir and is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+            os.makedirs(log_dir, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+
+    def scalars(self, step, prefix="", **values):
+        if self.writer:
+            for k, v in values.items():
+                if v is not None:
+                    self.writer.add_scalar(f"{prefix}{k}", v, step)
+
+    def image(self, tag, img, step):
+        if self.writer:
+            self.writer.add_image(tag, img, step)
+
+    def flush(self):
+        if self.writer:
+            self.writer.flush()
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+
+
+def append_json_log(output_dir, stats):
+    if output_dir and is_main_process():
+        with open(os.path.join(output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(stats) + "\n")

@@ -1,0 +1,73 @@
+"""Stop at a step boundary on SIGTERM / SIGUSR2, the same step on every rank.
+
+A signal only sets a flag. At each optimizer step every rank contributes its flag (and rank 0
+its "time for a rolling checkpoint" wish) to an all-reduce launched asynchronously; the result
+is read one step later, so all ranks act on the same step without a blocking host sync.
+"""
+import signal
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class Preempted(Exception):
+    """Raised after the state was saved because a stop was requested."""
+
+
+class StopSignals:
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR2", None)) if s)
+
+    def __init__(self, save_every_minutes=30.0, rank=0):
+        self.requested = None          # name of the signal that asked us to stop
+        self.rank = rank
+        self.save_every = save_every_minutes * 60 if save_every_minutes and save_every_minutes > 0 else None
+        self.last_save = time.time()
+        self._pending = None           # (work, tensor) of the in-flight all-reduce
+        self._previous = {}
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def uninstall(self):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.requested is None:
+            self.requested = signal.Signals(signum).name
+            print(f"received {self.requested}: saving at the next step boundary", force=True, flush=True)
+
+    def _local(self):
+        save_due = self.save_every is not None and self.rank == 0 and time.time() - self.last_save > self.save_every
+        return [1.0 if self.requested else 0.0, 1.0 if save_due else 0.0]
+
+    def poll(self):
+        """Return (stop, save_rolling) decided for this step, identical on all ranks."""
+        if not (dist.is_available() and dist.is_initialized()):
+            stop, save = self._local()
+            return bool(stop), bool(save)
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        decided = (False, False)
+        if self._pending is not None:
+            work, t = self._pending
+            work.wait()
+            decided = (bool(t[0] > 0), bool(t[1] > 0))
+        t = torch.tensor(self._local(), device=device)
+        self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True), t)
+        return decided
+
+    def saved(self):
+        self.last_save = time.time()
+
+    def drain(self):
+        """Finish an in-flight all-reduce (before a collective of another kind)."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None

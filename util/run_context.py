@@ -1,0 +1,131 @@
+"""What both main scripts do around their epoch loop: seeding, the run directory and record,
+checkpoint state (save with every rank's RNG, restore), and the final status."""
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+from util import distributed as du
+from util import runs
+from util.checkpoint import (find_resumable, load_checkpoint, plain_args, prune_epoch_checkpoints,
+                             rng_state, save_checkpoint, set_rng_state)
+from util.config import save_config
+
+
+def seed_everything(seed, rank):
+    seed = seed + rank
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def open_run(args, kind, world_size, extra=None):
+    """Pick the run directory (rank 0 decides, all ranks agree), write config.yaml and start the
+    run record. Returns (run_dir, record) or exits 0 when the run already completed."""
+    decision = None
+    if du.is_main_process():
+        try:
+            decision = ("dir", runs.prepare_run_dir(args, kind=kind, world_size=world_size))
+        except runs.RunCompleted as done:
+            decision = ("done", str(done))
+    decision = du.broadcast_object(decision)
+    if decision[0] == "done":
+        print(decision[1])
+        du.cleanup()
+        sys.exit(0)
+    run_dir = decision[1]
+    args.output_dir = run_dir
+    if not args.log_dir:
+        args.log_dir = os.path.join(run_dir, "tensorboard")
+    if du.is_main_process():
+        os.makedirs(run_dir, exist_ok=True)
+        save_config(args, os.path.join(run_dir, "config.yaml"))
+    hosts = du.all_gather_object(os.uname().nodename)
+    record = runs.RunRecord(run_dir, args, kind, world_size=world_size, is_main=du.is_main_process(),
+                            hostnames=sorted(set(hosts)))
+    return run_dir, record
+
+
+class TrainingState:
+    """Everything exact resume needs, gathered from (and restored into) live objects."""
+
+    def __init__(self, args, model_without_ddp, optimizer, scaler, model_ema=None):
+        self.args, self.model, self.optimizer, self.scaler, self.ema = (
+            args, model_without_ddp, optimizer, scaler, model_ema)
+        self.best = {"name": None, "value": None, "epoch": None}
+        self.extra = {}
+
+    def state(self, epoch, step, updates_per_epoch, update_freq, epoch_done):
+        rngs = du.all_gather_object(rng_state())  # collective: every rank calls save()
+        s = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+             "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step,
+             "epoch_done": epoch_done, "global_step": epoch * updates_per_epoch + step // update_freq,
+             "rng": rngs, "world_size": du.get_world_size(), "best": dict(self.best),
+             "args": plain_args(self.args), "extra": dict(self.extra)}
+        if self.ema is not None:
+            s["model_ema"] = self.ema.module.state_dict()
+        return s
+
+    def save(self, path, **kw):
+        s = self.state(**kw)
+        if du.is_main_process():
+            save_checkpoint(s, path)
+        du.barrier()
+
+    def restore(self, ckpt, path):
+        from util.checkpoint import check_state_dict_matches
+        check_state_dict_matches(self.model, ckpt["model"], f"checkpoint {path}")
+        self.model.load_state_dict(ckpt["model"])
+        if "optimizer" in ckpt:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt and ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and "model_ema" in ckpt:
+            self.ema.module.load_state_dict(ckpt["model_ema"])
+        self.best = dict(ckpt.get("best") or self.best)
+        self.extra = dict(ckpt.get("extra") or {})
+        rngs = ckpt.get("rng")
+        if rngs and len(rngs) == du.get_world_size():
+            set_rng_state(rngs[du.get_rank()])
+        elif rngs:
+            print(f"warning: {path} was written by {len(rngs)} processes, this run has "
+                  f"{du.get_world_size()}: random streams restart from the seed")
+        if ckpt.get("epoch_done", True):
+            return ckpt["epoch"] + 1, 0
+        return ckpt["epoch"], ckpt["step"]
+
+
+def resume_point(args, tstate):
+    """Resume from --resume, else (auto_resume) from the newest whole checkpoint of the run.
+    Returns (start_epoch, start_step, path or None)."""
+    path, ckpt = None, None
+    if args.resume:
+        path, ckpt = args.resume, load_checkpoint(args.resume)
+    elif args.auto_resume and args.output_dir:
+        path, ckpt = find_resumable(args.output_dir)
+    if ckpt is None:
+        return args.start_epoch, 0, None
+    epoch, step = tstate.restore(ckpt, path)
+    print(f"resumed from {path}: epoch {epoch} step {step}")
+    return epoch, step, path
+
+
+def save_epoch_checkpoints(args, tstate, epoch, updates_per_epoch, is_best):
+    """checkpoint-<epoch>.pth (every save_ckpt_freq epochs and at the end), checkpoint-best.pth,
+    and checkpoint-last.pth, keeping the newest save_ckpt_num epoch files."""
+    if not (args.save_ckpt and args.output_dir):
+        return
+    kw = dict(epoch=epoch, step=0, updates_per_epoch=updates_per_epoch, update_freq=args.update_freq,
+              epoch_done=True)
+    state = tstate.state(**kw)
+    if du.is_main_process():
+        if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+            save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+            prune_epoch_checkpoints(args.output_dir, args.save_ckpt_num)
+        else:  # resume picks the checkpoint with the highest global step, whichever file it is
+            save_checkpoint(state, os.path.join(args.output_dir, "checkpoint-last.pth"))
+        if is_best:
+            save_checkpoint(state, os.path.join(args.output_dir, "checkpoint-best.pth"))
+    du.barrier()
