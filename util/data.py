@@ -272,6 +272,8 @@ def build_eval_loader(dataset, args, world_size, rank):
 def _loader(dataset, sampler, args, drop_last, batch_size=None):
     workers = args.num_workers
     kw = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
+    # its own generator: creating an iterator must not draw from the training RNG (exact resume)
+    kw["generator"] = torch.Generator().manual_seed(args.seed)
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size or args.batch_size,
                       num_workers=workers, pin_memory=args.pin_mem and torch.cuda.is_available(),
                       drop_last=drop_last, **kw)

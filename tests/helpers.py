@@ -1,0 +1,58 @@
+"""Running the real scripts in subprocesses (1 process, or torchrun with N gloo processes)."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["--model", "convnextv2_atto", "--data_set", "synthetic", "--input_size", "32",
+        "--synthetic_train_samples", "64", "--synthetic_val_samples", "30", "--num_workers", "0",
+        "--aa", "none", "--reprob", "0", "--smoothing", "0", "--warmup_epochs", "0",
+        "--print_freq", "1", "--device", "cpu", "--head_init_scale", "1.0", "--blr", "4e-3"]
+
+
+def script_env(threads=1):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def command(script, args, nproc=1):
+    if nproc == 1:
+        return [sys.executable, os.path.join(ROOT, script), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(_free_port()), os.path.join(ROOT, script), *args]
+
+
+def run(script, args, nproc=1, check=True, timeout=300, cwd=None):
+    p = subprocess.run(command(script, args, nproc), env=script_env(), capture_output=True, text=True,
+                       timeout=timeout, cwd=cwd or ROOT)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_record(run_dir):
+    with open(os.path.join(run_dir, "run.json")) as f:
+        return json.load(f)

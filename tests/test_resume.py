@@ -1,0 +1,51 @@
+"""Exact resume: a run stopped by SIGTERM mid-epoch and started again ends with the same
+weights, bit for bit, as a run that never stopped (CPU; 1 and 2 processes)."""
+import os
+import signal
+import subprocess
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, TINY, command, read_log, run, run_record, script_env, weights
+
+pytestmark = pytest.mark.slow
+
+ARGS = TINY + ["--synthetic_train_samples", "192", "--epochs", "2", "--batch_size", "8",
+               "--drop_path", "0.1", "--warmup_epochs", "1", "--model_ema", "True", "--model_ema_decay", "0.9"]
+
+
+def _stop_midway(args, nproc, sig, at_step=5):
+    """Start the run, send `sig` once it has logged step `at_step` of epoch 0, wait for it to end."""
+    p = subprocess.Popen(command("main_finetune.py", args, nproc), env=script_env(), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if f"train epoch 0 [{at_step}/" in line:
+            p.send_signal(sig)
+            break
+    lines += p.stdout.readlines()
+    p.wait(timeout=120)
+    return "".join(lines)
+
+
+@pytest.mark.parametrize("nproc,sig", [(1, signal.SIGTERM), (2, signal.SIGTERM), (1, signal.SIGUSR2)])
+def test_preempted_run_resumes_bit_identical(tmp_path, nproc, sig):
+    ref = tmp_path / "ref"
+    run("main_finetune.py", ARGS + ["--output_dir", str(ref)], nproc=nproc)
+    cut = tmp_path / "cut"
+    out = _stop_midway(ARGS + ["--output_dir", str(cut)], nproc, sig)
+    rec = run_record(cut)
+    assert rec["status"] == "preempted", out[-2000:]
+    ck = torch.load(cut / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+    assert ck["epoch"] == 0 and 5 <= ck["step"] < 192 // (8 * nproc), ck["step"]
+    run("main_finetune.py", ARGS + ["--output_dir", str(cut)], nproc=nproc)
+    assert run_record(cut)["status"] == "completed"
+    a, b = weights(ref / "checkpoint-1.pth"), weights(cut / "checkpoint-1.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ea = torch.load(ref / "checkpoint-1.pth", weights_only=True)["model_ema"]
+    eb = torch.load(cut / "checkpoint-1.pth", weights_only=True)["model_ema"]
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert [e["epoch"] for e in read_log(cut)] == [0, 1]
+    assert os.path.isdir(cut / "tensorboard")
