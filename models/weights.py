@@ -1,0 +1,222 @@
+"""Checkpoint keys for the fine-tuning hand-off, and conversion to timm's naming.
+
+Takes, and turns into `ConvNeXtV2` names and shapes:
+- a plain ConvNeXtV2 state dict (ours, or an official fine-tuned one);
+- our FCMAE state dict (`encoder.*`; decoder parts dropped);
+- an official sparse (MinkowskiEngine) FCMAE state dict: `kernel` tensors, `.ln.`/`.linear.`
+  name parts, GRN and biases as [1, dim];
+- an official dense `*_fcmae.pt` (dense names, maybe under `encoder.`, GRN [1, dim]).
+Anything it cannot place is an error, not a silently skipped key.
+
+CLI: python -m models.weights to_timm IN OUT [--model-key model|module]
+"""
+import argparse
+import math
+import os
+import re
+import warnings
+
+import torch
+
+from util.errors import UserError, exit_on_user_error
+
+DECODER_PREFIXES = ("proj.", "decoder.", "pred.", "mask_token")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
+DEFAULT_MODEL_KEY = "model|module"
+
+
+def pick_state_dict(checkpoint, model_key=DEFAULT_MODEL_KEY):
+    """The weights in a loaded checkpoint: the first of `model_key` ('a|b') present, or the
+    object itself when it already is a state dict."""
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"checkpoint holds a {type(checkpoint).__name__}, not a dict of "
+                        "weights; pass a ConvNeXt V2 checkpoint file")
+    for key in model_key.split("|"):
+        if key in checkpoint and isinstance(checkpoint[key], dict):
+            return checkpoint[key]
+    if checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
+        return checkpoint
+    raise UserError(f"checkpoint has none of the keys {model_key!r} (it has "
+                    f"{', '.join(map(str, list(checkpoint)[:8]))}); pass --model_key <key>")
+
+
+def load_file(path, model_key=DEFAULT_MODEL_KEY):
+    """The state dict stored in a checkpoint file (weights-only load, on CPU)."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint file {path} does not exist; check the path")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, non-weights objects
+        raise UserError(f"cannot read checkpoint {path} with weights_only=True "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        "pass a checkpoint saved by this suite or an official release") from None
+    return pick_state_dict(checkpoint, model_key)
+
+
+def _strip_wrappers(sd):
+    for prefix in WRAPPER_PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _kernel_to_weight(kernel):
+    """MinkowskiEngine kernel -> Conv2d weight: [k*k, in, out] (dense) or [k*k, dim]
+    (depthwise); the kernel offsets run with the spatial axes transposed."""
+    ks = math.isqrt(kernel.shape[0])
+    if ks * ks != kernel.shape[0]:
+        raise UserError(f"sparse kernel of shape {tuple(kernel.shape)} is not square; "
+                        "the checkpoint is not a ConvNeXt V2 FCMAE checkpoint")
+    if kernel.dim() == 3:
+        _, cin, cout = kernel.shape
+        return kernel.permute(2, 1, 0).reshape(cout, cin, ks, ks).transpose(2, 3).contiguous()
+    if kernel.dim() == 2:
+        dim = kernel.shape[1]
+        return kernel.permute(1, 0).reshape(dim, 1, ks, ks).transpose(2, 3).contiguous()
+    raise UserError(f"sparse kernel of shape {tuple(kernel.shape)} cannot be placed; "
+                    "the checkpoint is not a ConvNeXt V2 FCMAE checkpoint")
+
+
+def encoder_state_dict(sd):
+    """Any supported ConvNeXt V2 / FCMAE state dict -> ConvNeXtV2 names and shapes."""
+    sd = _strip_wrappers(dict(sd))
+    is_pretrain = any(k.startswith("encoder.") for k in sd)
+    out = {}
+    for key, value in sd.items():
+        if is_pretrain:
+            if key.startswith(DECODER_PREFIXES):
+                continue
+            if key.startswith("encoder."):
+                key = key[len("encoder."):]
+        parts = key.split(".")
+        if parts[-1] == "kernel":
+            parts[-1] = "weight"
+            value = _kernel_to_weight(value)
+        parts = [p for p in parts if p not in ("ln", "linear")]
+        key = ".".join(parts)
+        if ".grn." in key:
+            value = value.reshape(1, 1, 1, -1)
+        elif key.endswith(".bias") and value.dim() == 2 and value.shape[0] == 1:
+            value = value.reshape(-1)
+        out[key] = value
+    return out
+
+
+def _describe(problems):
+    more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+    return "; ".join(problems[:3]) + more
+
+
+def check_fit(own, sd, drop_mismatched_head=True, allowed_missing=("head.", "norm.")):
+    """Which entries of the converted `sd` fit `own` (a model's state dict, meta tensors are
+    fine). A head of another shape is dropped with a warning; any other key or shape that
+    does not fit, or a missing key outside `allowed_missing`, raises UserError."""
+    problems, placed, dropped = [], {}, []
+    for key, value in sd.items():
+        if key not in own:
+            problems.append(f"unknown key {key}")
+        elif tuple(value.shape) != tuple(own[key].shape):
+            if drop_mismatched_head and key.startswith("head."):
+                dropped.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+                continue
+            problems.append(f"{key} has shape {tuple(value.shape)}, "
+                            f"the model {tuple(own[key].shape)}")
+        else:
+            placed[key] = value
+    if dropped:
+        warnings.warn(f"dropping the checkpoint's head ({'; '.join(dropped)}): the model has "
+                      "another number of classes, its head stays freshly initialised")
+    if not placed:
+        raise UserError("the checkpoint is neither a ConvNeXt V2 checkpoint (ours or official) "
+                        "nor one of this model (no key fits); pass a matching checkpoint")
+    missing = [k for k in own if k not in sd]
+    bad_missing = [k for k in missing if not k.startswith(tuple(allowed_missing))]
+    if bad_missing:
+        problems.append(f"missing {len(bad_missing)} keys, e.g. {', '.join(bad_missing[:3])}")
+    if problems:
+        raise UserError(f"checkpoint does not fit the model: {_describe(problems)}; "
+                        "pass a checkpoint of the same --model")
+    return placed
+
+
+def load_into(model, sd, drop_mismatched_head=True, allowed_missing=("head.", "norm.")):
+    """Load `sd` (any format `encoder_state_dict` takes) into `model`, non-strictly, after
+    `check_fit`. Returns (missing, unexpected) key lists."""
+    placed = check_fit(model.state_dict(), encoder_state_dict(sd), drop_mismatched_head,
+                       allowed_missing)
+    result = model.load_state_dict(placed, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def variant_of(sd):
+    """Our model name whose depths and dims match a ConvNeXtV2 state dict."""
+    from models.convnextv2 import VARIANTS
+    depths, dims = [], []
+    for i in range(4):
+        blocks = {m.group(1) for m in (re.match(rf"stages\.{i}\.(\d+)\.", k) for k in sd) if m}
+        depths.append(len(blocks))
+        w = sd.get(f"stages.{i}.0.dwconv.weight")
+        dims.append(None if w is None else w.shape[0])
+    for name, (d, c) in VARIANTS.items():
+        if tuple(depths) == d and tuple(dims) == c:
+            return name
+    raise UserError(f"weights with depths {depths} and dims {dims} match none of our "
+                    "ConvNeXt V2 variants; pass a ConvNeXt V2 checkpoint")
+
+
+def to_timm_state_dict(sd):
+    """Any supported checkpoint state dict -> (timm-named state dict, model name, classes)."""
+    import timm
+    from timm.models.convnext import checkpoint_filter_fn
+
+    from models.convnextv2 import VARIANTS, ConvNeXtV2
+    dense = encoder_state_dict(sd)
+    if "stages.0.0.dwconv.weight" not in dense:
+        raise UserError("the checkpoint is neither ours nor an official ConvNeXt V2 one "
+                        "(no stages.0.0.dwconv weight); pass a ConvNeXt V2 checkpoint")
+    name = variant_of(dense)
+    num_classes = dense["head.weight"].shape[0] if "head.weight" in dense else 0
+    depths, dims = VARIANTS[name]
+    with torch.device("meta"):  # shapes only, no memory, no init cost
+        ours = ConvNeXtV2(depths=depths, dims=dims, num_classes=num_classes)
+        reference = timm.create_model(name, num_classes=num_classes)
+    check_fit(ours.state_dict(), dense, drop_mismatched_head=False)
+    return checkpoint_filter_fn(dense, reference), name, num_classes
+
+
+def _save_atomic(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def to_timm(src, dst, model_key=DEFAULT_MODEL_KEY):
+    sd, name, num_classes = to_timm_state_dict(load_file(src, model_key))
+    _save_atomic({k: v.contiguous() for k, v in sd.items()}, dst)
+    head = f"num_classes={num_classes}" if num_classes else "num_classes=0 (no head)"
+    print(f"wrote {dst}: timm.create_model({name!r}, pretrained=True, {head}, "
+          f"pretrained_cfg_overlay=dict(file={dst!r}))")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m models.weights",
+                                     description="Convert ConvNeXt V2 checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("to_timm", help="ours or official (fine-tune or FCMAE) -> timm names")
+    p.add_argument("src", metavar="IN")
+    p.add_argument("dst", metavar="OUT")
+    p.add_argument("--model-key", "--model_key", dest="model_key", default=DEFAULT_MODEL_KEY,
+                   help="checkpoint key(s) holding the weights, first present wins "
+                        f"(default {DEFAULT_MODEL_KEY})")
+    return parser
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "to_timm":
+        to_timm(args.src, args.dst, args.model_key)
+
+
+if __name__ == "__main__":
+    main()
