@@ -4,10 +4,7 @@ The same code runs a single-process CPU debug run, `torchrun --nproc_per_node=N`
 (submitit_finetune.py); only util/distributed.py knows which.
 """
 import argparse
-import json
 import os
-import sys
-import time
 
 import torch
 
@@ -16,9 +13,7 @@ from engine_finetune import evaluate, train_one_epoch
 from util.common_args import add_common_args
 from util.config import add_config_args, parse_args, str2bool
 from util.errors import UserError, exit_on_user_error
-from util.logger import TensorBoard, append_json_log
-from util.preemption import Preempted, StopSignals
-from util.train_loop import Amp, LoopState
+from util.train_loop import Amp
 
 
 def get_args_parser():
@@ -150,7 +145,7 @@ def main(args, epoch_callback=None):
     validate_args(args)
     info = du.init_distributed(args)
     device, world = info.device, info.world_size
-    from util.run_context import (TrainingState, open_run, resume_point, save_epoch_checkpoints,
+    from util.run_context import (TrainingState, make_loop, open_run, resume_point, run_epochs,
                                   seed_everything)
     seed_everything(args.seed, info.rank)
     torch.backends.cudnn.benchmark = True
@@ -209,7 +204,7 @@ def main(args, epoch_callback=None):
     tstate = TrainingState(args, model_without_ddp, optimizer, amp.scaler, model_ema)
     tstate.extra.update(extra)
     tstate.extra["signature"] = record.signature
-    start_epoch, start_step, resumed_from = resume_point(args, tstate)
+    resume_at = resume_point(args, tstate)
 
     if args.eval:
         stats = evaluate(val_loader, model, device, amp, reduce=args.dist_eval, channels_last=args.channels_last)
@@ -226,74 +221,33 @@ def main(args, epoch_callback=None):
         du.cleanup()
         return None
 
-    if start_epoch >= args.epochs:
-        print(f"run {run_dir} has already trained {args.epochs} epochs")
-    tb = TensorBoard(args.log_dir, purge_step=start_epoch * updates_per_epoch + start_step // args.update_freq
-                     if resumed_from else None)
-    stop = StopSignals(args.save_ckpt_minutes, info.rank).install()
-
-    def save_last(epoch, step, tag):
-        tstate.save(os.path.join(run_dir, "checkpoint-last.pth"), epoch=epoch, step=step,
-                    updates_per_epoch=updates_per_epoch, update_freq=args.update_freq, epoch_done=False)
-        record.update(epoch=epoch, step=step)
-
-    loop = LoopState(amp=amp, update_freq=args.update_freq, clip_grad=args.clip_grad, lr_schedule=lr_schedule,
-                     wd_schedule=wd_schedule, updates_per_epoch=updates_per_epoch, model_ema=model_ema,
-                     print_freq=args.print_freq, tb=tb, stop=stop, save_fn=save_last,
-                     skip_nonfinite=args.skip_nonfinite, channels_last=args.channels_last, world_size=world)
-    record.start(resumed=resumed_from is not None, start_epoch=start_epoch, start_step=start_step,
+    loop = make_loop(args, run_dir, record, tstate, amp, updates_per_epoch, lr_schedule, wd_schedule,
+                     info.rank, world, resume_at, model_ema)
+    record.start(resumed=resume_at[2] is not None, start_epoch=resume_at[0], start_step=resume_at[1],
                  n_parameters=n_parameters, **extra)
+
+    def train_fn(epoch, step0):
+        return train_one_epoch(train_model, criterion, train_loader, optimizer, device, epoch, loop,
+                               mixup_fn=mixup_fn, start_step=step0)
+
+    def eval_fn(epoch):
+        if val_loader is None:
+            return None
+        log = {f"test_{k}": v for k, v in evaluate(val_loader, model, device, amp, reduce=args.dist_eval,
+                                                   channels_last=args.channels_last).items()}
+        if model_ema is not None and args.model_ema_eval:
+            log.update({f"test_{k}_ema": v for k, v in evaluate(
+                val_loader, model_ema.module, device, amp, reduce=args.dist_eval,
+                channels_last=args.channels_last).items()})
+        return log
+
     best_name = "test_acc1_ema" if (args.model_ema and args.model_ema_eval) else "test_acc1"
-    print(f"start training for {args.epochs} epochs from epoch {start_epoch} step {start_step}")
-    t_start = time.time()
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            step0 = start_step if epoch == start_epoch else 0
-            train_loader.sampler.set_epoch(epoch, start=step0 * args.batch_size)
-            train_stats = train_one_epoch(train_model, criterion, train_loader, optimizer, device, epoch, loop,
-                                          mixup_fn=mixup_fn, start_step=step0)
-            log = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
-            if val_loader is not None:
-                test_stats = evaluate(val_loader, model, device, amp, reduce=args.dist_eval,
-                                      channels_last=args.channels_last)
-                log.update({f"test_{k}": v for k, v in test_stats.items()})
-                if model_ema is not None and args.model_ema_eval:
-                    ema_stats = evaluate(val_loader, model_ema.module, device, amp, reduce=args.dist_eval,
-                                         channels_last=args.channels_last)
-                    log.update({f"test_{k}_ema": v for k, v in ema_stats.items()})
-            value = log.get(best_name)
-            is_best = value is not None and (tstate.best["value"] is None or value > tstate.best["value"])
-            if is_best:
-                tstate.best = {"name": best_name, "value": value, "epoch": epoch}
-            tstate.extra["skipped_steps"] = loop.skipped_steps
-            save_epoch_checkpoints(args, tstate, epoch, updates_per_epoch, is_best)
-            bad = _bad_images(train_set, args)
-            log.update({"n_parameters": n_parameters, "bad_images": bad,
-                        "best_" + best_name: tstate.best["value"]})
-            append_json_log(run_dir, log)
-            tb.scalars(epoch, prefix="epoch/", **{k: v for k, v in log.items()
-                                                  if isinstance(v, (int, float)) and k != "epoch"})
-            tb.flush()
-            record.update(epoch=epoch + 1, step=0, best_metric=tstate.best, bad_images=bad)
-            if epoch_callback is not None:
-                epoch_callback(epoch, log)
-    except Preempted as p:
-        record.finish("preempted", reason=str(p))
-        print(f"preempted: state saved in {run_dir}/checkpoint-last.pth; run the same command to resume")
-        tb.close()
-        stop.uninstall()
-        du.cleanup()
-        return {"status": "preempted"}
-    except BaseException as e:
-        record.finish("failed", reason=f"{type(e).__name__}: {e}")
-        raise
-    total = time.time() - t_start
-    record.finish("completed")
-    tb.close()
-    stop.uninstall()
-    print(f"training time {total:.0f} s; best {best_name} {tstate.best['value']}")
+    result = run_epochs(args, run_dir, record, tstate, loop, train_loader, resume_at, train_fn, eval_fn,
+                        best_name=best_name, epoch_callback=epoch_callback,
+                        epoch_extra=lambda: {"n_parameters": n_parameters,
+                                             "bad_images": _bad_images(train_set, args)})
     du.cleanup()
-    return {"status": "completed", "best": tstate.best}
+    return result
 
 
 def _bad_images(train_set, args):

@@ -3,7 +3,6 @@ optimizer (timm's factory) and the per-iteration lr / weight-decay schedules."""
 import math
 
 import numpy as np
-import torch
 
 from util.errors import UserError
 
@@ -105,10 +104,3 @@ def check_finite(loss_value, epoch, step):
     if not math.isfinite(loss_value):
         raise UserError(f"loss is {loss_value} at epoch {epoch} step {step}; lower --lr/--blr, set "
                         "--clip_grad, or check the data; the last good checkpoint is untouched")
-
-
-def grad_norm(parameters):
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))

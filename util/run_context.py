@@ -129,3 +129,77 @@ def save_epoch_checkpoints(args, tstate, epoch, updates_per_epoch, is_best):
         if is_best:
             save_checkpoint(state, os.path.join(args.output_dir, "checkpoint-best.pth"))
     du.barrier()
+
+
+def make_loop(args, run_dir, record, tstate, amp, updates_per_epoch, lr_schedule, wd_schedule, rank,
+              world, resume_at, model_ema=None):
+    """TensorBoard, signal handling and the loop settings, with the rolling-checkpoint hook."""
+    from util.logger import TensorBoard
+    from util.preemption import StopSignals
+    from util.train_loop import LoopState
+    start_epoch, start_step, resumed_from = resume_at
+    purge = start_epoch * updates_per_epoch + start_step // args.update_freq if resumed_from else None
+    tb = TensorBoard(args.log_dir, purge_step=purge)
+    stop = StopSignals(args.save_ckpt_minutes, rank).install()
+
+    def save_last(epoch, step, tag):
+        tstate.save(os.path.join(run_dir, "checkpoint-last.pth"), epoch=epoch, step=step,
+                    updates_per_epoch=updates_per_epoch, update_freq=args.update_freq, epoch_done=False)
+        record.update(epoch=epoch, step=step)
+
+    return LoopState(amp=amp, update_freq=args.update_freq, clip_grad=args.clip_grad,
+                     lr_schedule=lr_schedule, wd_schedule=wd_schedule, updates_per_epoch=updates_per_epoch,
+                     model_ema=model_ema, print_freq=args.print_freq, tb=tb, stop=stop, save_fn=save_last,
+                     skip_nonfinite=args.skip_nonfinite, channels_last=args.channels_last, world_size=world)
+
+
+def run_epochs(args, run_dir, record, tstate, loop, train_loader, resume_at, train_fn, eval_fn=None,
+               best_name=None, lower_is_better=False, epoch_extra=None, epoch_callback=None):
+    """The epoch loop of both scripts: train, evaluate, best, checkpoints, log.txt, TensorBoard,
+    run record; ends the record as completed, preempted or failed.
+
+    train_fn(epoch, start_step) -> train stats; eval_fn(epoch) -> dict of log entries or None;
+    epoch_extra() -> dict added to each log line; epoch_callback(epoch, log) after each epoch.
+    """
+    import time
+    from util.logger import append_json_log
+    from util.preemption import Preempted
+    start_epoch, start_step, _ = resume_at
+    upe = loop.updates_per_epoch
+    print(f"start training for {args.epochs} epochs from epoch {start_epoch} step {start_step}")
+    t_start = time.time()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            step0 = start_step if epoch == start_epoch else 0
+            train_loader.sampler.set_epoch(epoch, start=step0 * args.batch_size)
+            log = {"epoch": epoch, **{f"train_{k}": v for k, v in train_fn(epoch, step0).items()}}
+            evaluated = (eval_fn(epoch) if eval_fn else None) or {}
+            log.update(evaluated)
+            value, best = log.get(best_name or "train_loss"), tstate.best["value"]
+            better = value is not None and (best is None or (value < best if lower_is_better else value > best))
+            if better:
+                tstate.best = {"name": best_name or "train_loss", "value": value, "epoch": epoch}
+            tstate.extra["skipped_steps"] = loop.skipped_steps
+            save_epoch_checkpoints(args, tstate, epoch, upe, better and bool(evaluated))
+            log.update(epoch_extra() if epoch_extra else {})
+            append_json_log(run_dir, log)
+            loop.tb.scalars(epoch, prefix="epoch/", **{k: v for k, v in log.items()
+                                                      if isinstance(v, (int, float)) and k != "epoch"})
+            loop.tb.flush()
+            record.update(epoch=epoch + 1, step=0, best_metric=tstate.best,
+                          **{k: v for k, v in log.items() if k == "bad_images"})
+            if epoch_callback is not None:
+                epoch_callback(epoch, log)
+    except Preempted as p:
+        record.finish("preempted", reason=str(p))
+        print(f"preempted: state saved in {run_dir}/checkpoint-last.pth; run the same command to resume")
+        return {"status": "preempted", "run_dir": run_dir}
+    except BaseException as e:
+        record.finish("failed", reason=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        loop.tb.close()
+        loop.stop.uninstall()
+    record.finish("completed")
+    print(f"training time {time.time() - t_start:.0f} s; best {tstate.best['name']} {tstate.best['value']}")
+    return {"status": "completed", "best": tstate.best, "run_dir": run_dir}

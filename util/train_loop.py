@@ -11,7 +11,7 @@ import torch
 
 from util.errors import UserError
 from util.logger import StepMeter, progress_line
-from util.optim import apply_schedule, grad_norm
+from util.optim import apply_schedule
 from util.preemption import Preempted
 
 

@@ -1,0 +1,145 @@
+"""Pretrain a ConvNeXt V2 encoder with FCMAE (masked image modelling), no MinkowskiEngine.
+
+Same code path as fine-tuning: one CPU process, `torchrun`, or Slurm (submitit_pretrain.py).
+"""
+import argparse
+import os
+
+import torch
+
+import util.distributed as du
+from engine_pretrain import reconstruction_grid, train_one_epoch
+from main_finetune import maybe_compile
+from util.common_args import add_common_args
+from util.config import add_config_args, parse_args, str2bool
+from util.errors import UserError, exit_on_user_error
+from util.train_loop import Amp
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("ConvNeXt V2 FCMAE pretraining", allow_abbrev=False)
+    add_common_args(parser, epochs=800, blr=1.5e-4, min_lr=0.0, warmup_epochs=40)
+    a = parser.add_argument
+    a("--mask_ratio", default=0.6, type=float, help="fraction of patches removed")
+    a("--norm_pix_loss", type=str2bool, nargs="?", const=True, default=True,
+      help="normalise each target patch (default on; --norm_pix_loss False turns it off)")
+    a("--decoder_depth", type=int, default=1)
+    a("--decoder_embed_dim", type=int, default=512)
+    a("--vis_freq", type=int, default=5, help="reconstruction grid in TensorBoard every N epochs (0: never)")
+    add_config_args(parser)
+    return parser
+
+
+def validate_args(args):
+    checks = [
+        (args.batch_size >= 1, "--batch_size must be >= 1"),
+        (args.update_freq >= 1, "--update_freq must be >= 1"),
+        (args.epochs >= 1, "--epochs must be >= 1"),
+        (0 < args.mask_ratio < 1, f"--mask_ratio {args.mask_ratio} must be in (0, 1), e.g. 0.6"),
+        (args.input_size % 32 == 0 and args.input_size >= 32,
+         f"--input_size {args.input_size} must be a multiple of 32 (the encoder's stride), e.g. "
+         f"{max(32, args.input_size // 32 * 32)}"),
+        (args.decoder_depth >= 0 and args.decoder_embed_dim >= 1, "--decoder_depth must be >= 0 and "
+                                                                  "--decoder_embed_dim >= 1"),
+        (args.save_ckpt_num >= 1, "--save_ckpt_num must be >= 1"),
+        (2 <= args.synthetic_classes <= 10, "--synthetic_classes must be between 2 and 10"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+    if args.resume and not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such file; give the path of a .pth checkpoint")
+
+
+@exit_on_user_error
+def main(args, epoch_callback=None):
+    validate_args(args)
+    from models import create_fcmae, model_names
+    if args.model not in model_names():
+        create_fcmae(args.model)  # raises the one-line error with close names
+    info = du.init_distributed(args)
+    device, world = info.device, info.world_size
+    from util.run_context import TrainingState, make_loop, open_run, resume_point, run_epochs, seed_everything
+    seed_everything(args.seed, info.rank)
+    torch.backends.cudnn.benchmark = True
+
+    from util.data import build_dataset, build_pretrain_transform, build_train_loader, mean_std
+    train_set, _ = build_dataset(True, args, transform=build_pretrain_transform(args))
+    from util.optim import cosine_schedule, create_optimizer, resolve_lr
+    eff_batch = resolve_lr(args, world)
+    run_dir, record = open_run(args, "pretrain", world)
+    if hasattr(train_set, "bad_log"):
+        from util.data import BadImageLog
+        train_set.bad_log = BadImageLog(os.path.join(run_dir, "bad_images.txt"))
+
+    model = create_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth,
+                         decoder_embed_dim=args.decoder_embed_dim, norm_pix_loss=args.norm_pix_loss,
+                         img_size=args.input_size)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"FCMAE {args.model}: {n_parameters / 1e6:.2f}M parameters; lr {args.lr:.3e}, "
+          f"global batch {eff_batch} ({args.batch_size} x {args.update_freq} x {world})")
+    optimizer = create_optimizer(args, model_without_ddp, betas=(0.9, 0.95))
+    amp = Amp.create(args.use_amp, device)
+    if info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = maybe_compile(model, args.compile)
+
+    train_loader = build_train_loader(train_set, args, world, info.rank)
+    updates_per_epoch = len(train_loader) // args.update_freq
+    if updates_per_epoch < 1:
+        raise UserError("one epoch has fewer batches than --update_freq; lower --update_freq or --batch_size")
+    lr_schedule = cosine_schedule(args.lr, args.min_lr, args.epochs, updates_per_epoch,
+                                  args.warmup_epochs, args.warmup_steps)
+    tstate = TrainingState(args, model_without_ddp, optimizer, amp.scaler)
+    tstate.extra["signature"] = record.signature
+    resume_at = resume_point(args, tstate)
+
+    if args.preflight:
+        from util.preflight import preflight
+        preflight(args, train_model, lambda m, b: m(b[0], mask_ratio=args.mask_ratio)[0], train_loader,
+                  optimizer, device, amp, updates_per_epoch)
+        du.cleanup()
+        return None
+
+    loop = make_loop(args, run_dir, record, tstate, amp, updates_per_epoch, lr_schedule, None,
+                     info.rank, world, resume_at)
+    record.start(resumed=resume_at[2] is not None, start_epoch=resume_at[0], start_step=resume_at[1],
+                 n_parameters=n_parameters)
+    vis_images = None
+    if du.is_main_process() and args.vis_freq > 0:
+        vis_set, _ = build_dataset(True, args, transform=_vis_transform(args))
+        vis_images = torch.stack([vis_set[i][0] for i in range(min(8, len(vis_set)))]).to(device)
+
+    def train_fn(epoch, step0):
+        return train_one_epoch(train_model, train_loader, optimizer, device, epoch, loop, args.mask_ratio,
+                               start_step=step0)
+
+    def eval_fn(epoch):
+        if vis_images is not None and (epoch % args.vis_freq == 0 or epoch + 1 == args.epochs):
+            with Amp.autocast(amp):
+                grid = reconstruction_grid(model_without_ddp, vis_images, *mean_std(args), args.mask_ratio)
+            loop.tb.image("reconstruction (original / masked / reconstructed)", grid, epoch)
+        return None
+
+    result = run_epochs(args, run_dir, record, tstate, loop, train_loader, resume_at, train_fn, eval_fn,
+                        best_name="train_loss", lower_is_better=True, epoch_callback=epoch_callback,
+                        epoch_extra=lambda: {"n_parameters": n_parameters})
+    du.cleanup()
+    return result
+
+
+def _vis_transform(args):
+    from torchvision import transforms
+    from util.data import mean_std
+    mean, std = mean_std(args)
+    return transforms.Compose([transforms.Resize(args.input_size), transforms.CenterCrop(args.input_size),
+                               transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+if __name__ == "__main__":
+    main(parse_args(get_args_parser()))
