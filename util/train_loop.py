@@ -110,16 +110,19 @@ def run_epoch(model, loss_fn, data_loader, optimizer, device, epoch, st: LoopSta
         n_steps += 1
         imgs_since_log += batch[0].shape[0]
         norm = None
+        log_now = (step + 1) % st.print_freq == 0 or step + 1 == total
         if is_update:
             if st.clip_grad:
                 st.amp.scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(params, st.clip_grad)
+            elif log_now:  # for the log only: measure, do not clip, undo the loss scale
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                norm = norm / st.amp.scaler.get_scale() if st.amp.scaler.is_enabled() else norm
             st.amp.scaler.step(optimizer)
             st.amp.scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if st.model_ema is not None:
                 st.model_ema.update(model, step=it)
-        log_now = (step + 1) % st.print_freq == 0 or step + 1 == total
         if log_now:
             b = int(first_bad)
             if b >= 0:
