@@ -39,6 +39,8 @@ def get_args_parser():
     a("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="RandAugment policy; none to disable")
     a("--smoothing", type=float, default=0.1, help="label smoothing")
     a("--train_interpolation", type=str, default="bicubic")
+    a("--scale", type=float, nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
+      help="RandomResizedCrop area range of the training transform (timm's --scale)")
     a("--reprob", type=float, default=0.25, help="random erase probability")
     a("--remode", type=str, default="pixel")
     a("--recount", type=int, default=1)
@@ -64,27 +66,9 @@ def get_args_parser():
 
 
 def validate_args(args):
-    checks = [
-        (args.batch_size >= 1, "--batch_size must be >= 1"),
-        (args.update_freq >= 1, "--update_freq must be >= 1"),
-        (args.epochs >= 1, "--epochs must be >= 1"),
-        (args.input_size >= 16, "--input_size must be >= 16"),
-        (0 <= args.drop_path < 1, "--drop_path must be in [0, 1)"),
-        (0 < args.layer_decay <= 1, "--layer_decay must be in (0, 1]"),
-        (0 <= args.smoothing < 1, "--smoothing must be in [0, 1)"),
-        (0 <= args.reprob <= 1, "--reprob must be in [0, 1]"),
-        (args.save_ckpt_num >= 1, "--save_ckpt_num must be >= 1"),
-        (2 <= args.synthetic_classes <= 10, "--synthetic_classes must be between 2 and 10"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
-    for flag in ("finetune", "resume"):
-        path = getattr(args, flag)
-        if path and not os.path.isfile(path):
-            raise UserError(f"--{flag} {path}: no such file; give the path of a .pth checkpoint")
-    if args.eval and not (args.resume or args.finetune):
-        raise UserError("--eval True needs --resume or --finetune to know which weights to evaluate")
+    """Flag ranges, paths, output directory, model name (util/validate.py)."""
+    from util.validate import check_args
+    check_args(args, "finetune")
 
 
 def build_mixup(args, nb_classes):
@@ -110,14 +94,7 @@ def load_finetune_weights(args, model):
     from models.weights import encoder_state_dict, load_into
     from util.checkpoint import load_checkpoint
     ckpt = load_checkpoint(args.finetune)
-    sd = ckpt
-    if isinstance(ckpt, dict):
-        for key in args.model_key.split("|"):
-            if key in ckpt:
-                sd = ckpt[key]
-                break
-    if args.model_prefix:
-        sd = {k[len(args.model_prefix):]: v for k, v in sd.items() if k.startswith(args.model_prefix)}
+    sd = finetune_state_dict(args, ckpt)
     if hasattr(model, "stages"):
         sd = encoder_state_dict(sd)
     missing, unexpected = load_into(model, sd)
@@ -126,6 +103,21 @@ def load_finetune_weights(args, model):
     return {"finetune_from": os.path.abspath(args.finetune),
             "finetune_from_signature": (ckpt.get("extra") or {}).get("signature") if isinstance(ckpt, dict) else None,
             "finetune_from_model": src.get("model")}
+
+
+def finetune_state_dict(args, ckpt):
+    """The weights in a loaded --finetune checkpoint (--model_key, --model_prefix)."""
+    sd = ckpt
+    if isinstance(ckpt, dict):
+        for key in args.model_key.split("|"):
+            if key in ckpt:
+                sd = ckpt[key]
+                break
+    if not isinstance(sd, dict):
+        raise UserError(f"--finetune {args.finetune} holds no dict of weights; pass a checkpoint file")
+    if args.model_prefix:
+        sd = {k[len(args.model_prefix):]: v for k, v in sd.items() if k.startswith(args.model_prefix)}
+    return sd
 
 
 def maybe_compile(model, enabled):
@@ -139,9 +131,10 @@ def maybe_compile(model, enabled):
 
 
 @exit_on_user_error
-def main(args, epoch_callback=None):
+def main(args, epoch_callback=None, record_extra=None):
     """Train (or with --eval only evaluate). `epoch_callback(epoch, log)` runs after each epoch
-    on every rank (the hyperparameter search reports and prunes there)."""
+    on every rank (the hyperparameter search reports and prunes there); `record_extra`: more
+    fields for run.json (the search's study and trial)."""
     validate_args(args)
     info = du.init_distributed(args)
     device, world = info.device, info.world_size
@@ -156,6 +149,13 @@ def main(args, epoch_callback=None):
     if val_set is not None:
         check_same_classes(train_set, val_set)
     args.nb_classes = nb_classes
+    from models import create_model
+    from util.validate import check_inputs
+
+    def build_model():
+        return create_model(args.model, num_classes=nb_classes, drop_path_rate=args.drop_path,
+                            head_init_scale=args.head_init_scale)
+    check_inputs(args, train_set, world, build_model)
 
     from util.optim import cosine_schedule, create_optimizer, resolve_lr
     eff_batch = resolve_lr(args, world)
@@ -164,9 +164,7 @@ def main(args, epoch_callback=None):
         from util.data import BadImageLog
         train_set.bad_log = BadImageLog(os.path.join(run_dir, "bad_images.txt"))
 
-    from models import create_model
-    model = create_model(args.model, num_classes=nb_classes, drop_path_rate=args.drop_path,
-                         head_init_scale=args.head_init_scale)
+    model = build_model()
     extra = {}
     if args.finetune:
         extra = load_finetune_weights(args, model)
@@ -217,14 +215,19 @@ def main(args, epoch_callback=None):
 
     if args.preflight:
         from util.preflight import preflight
-        preflight(args, train_model, criterion, train_loader, optimizer, device, amp, updates_per_epoch)
+        def loss_fn(m, batch):
+            samples, targets = mixup_fn(*batch) if mixup_fn is not None else batch
+            return criterion(m(samples), targets)
+        preflight(args, train_model, loss_fn, train_loader, optimizer, device, amp, updates_per_epoch)
         du.cleanup()
         return None
 
     loop = make_loop(args, run_dir, record, tstate, amp, updates_per_epoch, lr_schedule, wd_schedule,
                      info.rank, world, resume_at, model_ema)
+    if hasattr(train_set, "bad_log"):  # stop at the log line after too many unreadable images
+        loop.checks = lambda: _bad_images(train_set, args)
     record.start(resumed=resume_at[2] is not None, start_epoch=resume_at[0], start_step=resume_at[1],
-                 n_parameters=n_parameters, **extra)
+                 n_parameters=n_parameters, **{**extra, **(record_extra or {})})
 
     def train_fn(epoch, step0):
         return train_one_epoch(train_model, criterion, train_loader, optimizer, device, epoch, loop,
@@ -251,17 +254,25 @@ def main(args, epoch_callback=None):
 
 
 def _bad_images(train_set, args):
+    """How many distinct unreadable images the run met (the highest count of any rank, so all
+    ranks stop together); more than --max_bad_images stops the run with the list. Called at
+    each log line and at the end of each epoch."""
     log = getattr(train_set, "bad_log", None)
     if log is None:
         return 0
-    entries = log.entries()
-    if len(entries) > args.max_bad_images:
-        listed = "; ".join(e.split("\t")[0] for e in entries[:5])
-        raise UserError(f"{len(entries)} unreadable images (more than --max_bad_images {args.max_bad_images}), "
-                        f"e.g. {listed}; full list in {log.path}; fix or remove them")
-    return len(entries)
+    paths = sorted({e.split("\t")[0] for e in log.entries()})  # each epoch meets a bad file again
+    count = max(du.all_gather_object(len(paths)))
+    if count > args.max_bad_images:
+        more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+        raise UserError(f"{count} unreadable images (more than --max_bad_images {args.max_bad_images}): "
+                        f"{', '.join(paths[:5])}{more}; full list in {log.path}; fix or remove them")
+    return count
 
 
 if __name__ == "__main__":
-    args = parse_args(get_args_parser())
-    main(args)
+    args = exit_on_user_error(parse_args)(get_args_parser())
+    if args.optimize_config or args.storage:
+        from util.hpo import optimize
+        optimize(args, "finetune")
+    else:
+        main(args)

@@ -56,6 +56,7 @@ def build_transform(is_train, args):
         aa = args.aa if args.aa not in (None, "", "none", "None") else None
         return create_transform(
             input_size=size, is_training=True, color_jitter=args.color_jitter, auto_augment=aa,
+            scale=tuple(getattr(args, "scale", (0.08, 1.0))),
             interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
             re_count=args.recount, mean=mean, std=std)
     steps = []

@@ -2,7 +2,6 @@
 checkpoint state (save with every rank's RNG, restore), and the final status."""
 import os
 import random
-import sys
 
 import numpy as np
 import torch
@@ -21,20 +20,30 @@ def seed_everything(seed, rank):
     random.seed(seed)
 
 
+class AlreadyCompleted(SystemExit):
+    """Exit 0: the run these settings name has completed. A caller that catches it (the
+    hyperparameter search, util/hpo.py) learns which run it was and reuses its result."""
+
+    def __init__(self, run_dir):
+        super().__init__(0)
+        self.run_dir = run_dir
+
+
 def open_run(args, kind, world_size, extra=None):
     """Pick the run directory (rank 0 decides, all ranks agree), write config.yaml and start the
-    run record. Returns (run_dir, record) or exits 0 when the run already completed."""
+    run record. Returns (run_dir, record) or exits 0 (AlreadyCompleted) when the run already
+    completed."""
     decision = None
     if du.is_main_process():
         try:
             decision = ("dir", runs.prepare_run_dir(args, kind=kind, world_size=world_size))
         except runs.RunCompleted as done:
-            decision = ("done", str(done))
+            decision = ("done", str(done), done.run_dir)
     decision = du.broadcast_object(decision)
     if decision[0] == "done":
         print(decision[1])
         du.cleanup()
-        sys.exit(0)
+        raise AlreadyCompleted(decision[2])
     run_dir = decision[1]
     args.output_dir = run_dir
     if not args.log_dir:
@@ -138,7 +147,8 @@ def make_loop(args, run_dir, record, tstate, amp, updates_per_epoch, lr_schedule
     from util.preemption import StopSignals
     from util.train_loop import LoopState
     start_epoch, start_step, resumed_from = resume_at
-    purge = start_epoch * updates_per_epoch + start_step // args.update_freq if resumed_from else None
+    # the first step this run will log; TensorBoard drops what a stopped run logged from there on
+    purge = start_epoch * updates_per_epoch + start_step // args.update_freq + 1 if resumed_from else None
     tb = TensorBoard(args.log_dir, purge_step=purge)
     stop = StopSignals(args.save_ckpt_minutes, rank).install()
 
@@ -150,7 +160,9 @@ def make_loop(args, run_dir, record, tstate, amp, updates_per_epoch, lr_schedule
     return LoopState(amp=amp, update_freq=args.update_freq, clip_grad=args.clip_grad,
                      lr_schedule=lr_schedule, wd_schedule=wd_schedule, updates_per_epoch=updates_per_epoch,
                      model_ema=model_ema, print_freq=args.print_freq, tb=tb, stop=stop, save_fn=save_last,
-                     skip_nonfinite=args.skip_nonfinite, channels_last=args.channels_last, world_size=world)
+                     skip_nonfinite=args.skip_nonfinite, channels_last=args.channels_last, world_size=world,
+                     # the same list as the checkpoint's: a resumed run keeps counting skips
+                     skipped_steps=tstate.extra.setdefault("skipped_steps", []))
 
 
 def run_epochs(args, run_dir, record, tstate, loop, train_loader, resume_at, train_fn, eval_fn=None,
@@ -187,15 +199,17 @@ def run_epochs(args, run_dir, record, tstate, loop, train_loader, resume_at, tra
                                                       if isinstance(v, (int, float)) and k != "epoch"})
             loop.tb.flush()
             record.update(epoch=epoch + 1, step=0, best_metric=tstate.best,
-                          **{k: v for k, v in log.items() if k == "bad_images"})
+                          **{k: v for k, v in log.items() if k == "bad_images"},
+                          **({"skipped_steps": loop.skipped_steps} if loop.skipped_steps else {}))
             if epoch_callback is not None:
                 epoch_callback(epoch, log)
     except Preempted as p:
         record.finish("preempted", reason=str(p))
         print(f"preempted: state saved in {run_dir}/checkpoint-last.pth; run the same command to resume")
         return {"status": "preempted", "run_dir": run_dir}
-    except BaseException as e:
-        record.finish("failed", reason=f"{type(e).__name__}: {e}")
+    except BaseException as e:  # an exception may name its own status (util/hpo.py: "pruned")
+        record.finish(getattr(e, "run_status", "failed"), reason=f"{type(e).__name__}: {e}",
+                      **({"skipped_steps": loop.skipped_steps} if loop.skipped_steps else {}))
         raise
     finally:
         loop.tb.close()
