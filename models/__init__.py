@@ -30,7 +30,7 @@ def create_model(name, **kwargs):
         return getattr(convnextv2, name)(**kwargs)
     import timm  # only for names that are not ours (slow import)
     if not timm.is_model(name):
-        raise _unknown(name, model_names() + timm.list_models(), "model")
+        raise _unknown(name, list(dict.fromkeys(model_names() + timm.list_models())), "model")
     kwargs = dict(kwargs)
     kwargs.pop("head_init_scale", None)  # our head init; timm models have their own
     return timm.create_model(name, pretrained=False, **kwargs)

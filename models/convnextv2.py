@@ -97,11 +97,14 @@ def pointwise(x, linear):
 
 
 def pointwise_rows(x, linear):
-    """nn.Linear on rows x [K, C], on CPU as a 1x1 conv over a [1, C, K, 1] view."""
+    """nn.Linear on rows x [K, C], on CPU as a 1x1 conv over a [16, C, K/16, 1] view: with a
+    batch of 16, torch picks oneDNN's conv even single-threaded (a batch of 1 gets the slow
+    THNN conv there)."""
     if x.is_cuda:
         return linear(x)
     k, c = x.shape
-    y = pointwise(x.view(1, k, 1, c).permute(0, 3, 1, 2), linear)
+    b = 16 if k % 16 == 0 else 1
+    y = pointwise(x.view(b, k // b, 1, c).permute(0, 3, 1, 2), linear)
     return y.permute(0, 2, 3, 1).reshape(k, -1)
 
 
@@ -126,11 +129,39 @@ class LayerNorm(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class GRN(nn.Module):
-    """Global Response Normalization on channels-last input [N, H, W, C].
+class _GRNFunction(torch.autograd.Function):
+    """GRN on x [N, K, C] (norm over K) with a hand-written backward.
 
-    out = gamma * (x * Nx) + beta + x, computed as x * (1 + gamma * Nx) + beta (one pass).
+    Autograd's version walks the big tensor about six times in backward (the norm's backward
+    over a non-inner axis is slow on CPU); this one reads it twice: 2-3x faster at stage 0.
     """
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, eps):
+        gx = torch.linalg.vector_norm(x, 2, dim=1, keepdim=True)  # [N, 1, C]
+        m = gx.mean(dim=-1, keepdim=True) + eps
+        nx = gx / m
+        scale = torch.addcmul(torch.ones_like(nx), gamma, nx)  # out = x * (1 + g*Nx) + b
+        ctx.save_for_backward(x, gamma, gx, m, nx, scale)
+        return torch.addcmul(beta, x, scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, gamma, gx, m, nx, scale = ctx.saved_tensors
+        ds = (dy * x).sum(dim=1, keepdim=True)  # d out / d scale, per image and channel
+        dbeta = dy.sum(dim=(0, 1))
+        dgamma = (ds * nx).sum(dim=(0, 1))
+        dnx = ds * gamma
+        dgx = dnx / m - (dnx * gx).sum(dim=-1, keepdim=True) / (m * m * x.shape[-1])
+        t = torch.where(gx > 0, dgx / gx, torch.zeros_like(gx))  # d||x||/dx = x / ||x||
+        dx = torch.addcmul(dy * scale, x, t)
+        return dx.to(x.dtype), dgamma.to(gamma.dtype), dbeta.to(gamma.dtype), None
+
+
+class GRN(nn.Module):
+    """Global Response Normalization on channels-last input [N, H, W, C], per image:
+    out = gamma * (x * Nx) + beta + x, Nx = ||x||_HW / (mean_C ||x||_HW + eps)."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -138,17 +169,16 @@ class GRN(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.eps = eps
 
-    def _normalise(self, x, gx):
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
+    def _grn(self, x):  # [N, K, C]
         c = x.shape[-1]
-        scale = torch.addcmul(torch.ones_like(nx), self.gamma.view(c), nx)
-        return torch.addcmul(self.beta.view(c), x, scale)
+        return _GRNFunction.apply(x, self.gamma.view(c), self.beta.view(c), self.eps)
 
     def forward(self, x):
-        return self._normalise(x, torch.linalg.vector_norm(x, 2, dim=(1, 2), keepdim=True))
+        n, h, w, c = x.shape
+        return self._grn(x.reshape(n, h * w, c)).view(n, h, w, c)
 
     def forward_cf(self, x):
-        """Same on [N, C, H, W] (channels_last memory)."""
+        """Same on [N, C, H, W] (channels_last memory, so the permutes are views)."""
         return self.forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward_kept(self, x, keep):
@@ -156,8 +186,7 @@ class GRN(nn.Module):
         n = keep.shape[0]
         c = x.shape[-1]
         if keep.per_image is not None:
-            v = x.view(n, keep.per_image, c)
-            return self._normalise(v, torch.linalg.vector_norm(v, 2, dim=1, keepdim=True)).view(-1, c)
+            return self._grn(x.view(n, keep.per_image, c)).view(-1, c)
         sq = x.new_zeros(n, c).index_add_(0, keep.image, x * x)
         # clamp: an image with no kept rows would give sqrt(0), whose gradient is inf
         gx = sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()

@@ -45,7 +45,9 @@ def load_file(path, model_key=DEFAULT_MODEL_KEY):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint file {path} does not exist; check the path")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # official checkpoints carry their argparse.Namespace under "args": allow just that
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files, non-weights objects
         raise UserError(f"cannot read checkpoint {path} with weights_only=True "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); "

@@ -153,3 +153,14 @@ def test_all_kept_equals_dense_stages(model):
             dense = stage(down(dense))
     torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=0)
     assert F.mse_loss(sparse, dense) < 1e-10
+
+
+def test_bf16_autocast_pretrain_and_finetune_paths():
+    torch.manual_seed(7)
+    m = create_fcmae("convnextv2_atto", decoder_embed_dim=32)
+    mask = torch.tensor([[1.0, 0, 0, 1], [0, 1, 1, 1]])  # ragged: 2 and 1 kept patches
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(torch.randn(2, 3, 64, 64))[0] + m(torch.randn(2, 3, 64, 64), mask=mask)[0]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)

@@ -154,3 +154,38 @@ def test_keep_index_layout():
     assert idx.rows.tolist() == [0, 2, 3, 7] and idx.per_image is None
     assert idx.image.tolist() == [0, 0, 0, 1]
     assert KeepIndex(keep[:1].repeat(2, 1, 1)).per_image == 3
+
+
+def test_grn_gradients_match_autograd_reference():
+    torch.manual_seed(0)
+    block = _randomise(Block(8)).double()
+    x = torch.randn(2, 5, 5, 32, dtype=torch.double, requires_grad=True)
+    x.data[1, :, :, 3] = 0.0  # a zero-norm channel
+
+    def reference(x):  # vector_norm: subgradient 0 at a zero norm, like ours
+        gx = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return block.grn.gamma * (x * nx) + block.grn.beta + x
+
+    params = [x, block.grn.gamma, block.grn.beta]
+    dy = torch.randn(2, 5, 5, 32, dtype=torch.double)
+    ours = torch.autograd.grad(block.grn(x), params, dy)
+    ref = torch.autograd.grad(reference(x), params, dy)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_block_keep_mask_gradients_match_reference(ragged):
+    torch.manual_seed(1)
+    block = _randomise(Block(8)).double()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.double, requires_grad=True)
+    keep = (torch.rand(2, 1, 6, 6) > 0.4).double()
+    if not ragged:
+        keep[1] = keep[0]
+    dy = torch.randn(2, 8, 6, 6, dtype=torch.double)
+    params = [x] + list(block.parameters())
+    ours = torch.autograd.grad(block(x, keep), params, dy)
+    ref = torch.autograd.grad(reference_block(block, x, keep), params, dy)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)

@@ -1,17 +1,13 @@
 """Checkpoint hand-off: official sparse / dense FCMAE formats, ours, and conversion to timm."""
-import os
-import subprocess
-import sys
+import argparse
 
 import pytest
 import torch
 
 from models import create_fcmae, create_model
-from models.weights import encoder_state_dict, load_into, main, pick_state_dict
+from models.weights import encoder_state_dict, load_file, load_into, main, pick_state_dict
 from tests.test_models import _randomise
 from util.errors import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def to_official_sparse(dense):
@@ -126,7 +122,8 @@ def test_unplaceable_keys_and_shapes_raise(source):
 def test_to_timm_round_trip(source, tmp_path):
     import timm
     src, dst = tmp_path / "ckpt.pth", tmp_path / "timm.pth"
-    torch.save({"model": source.state_dict(), "epoch": 3}, src)
+    # like an official checkpoint: an argparse.Namespace rides along
+    torch.save({"model": source.state_dict(), "epoch": 3, "args": argparse.Namespace(lr=1.0)}, src)
     main(["to_timm", str(src), str(dst)])
     theirs = timm.create_model("convnextv2_atto", pretrained=True, num_classes=10,
                                pretrained_cfg_overlay=dict(file=str(dst), num_classes=10)).eval()
@@ -148,10 +145,15 @@ def test_to_timm_from_official_sparse_fcmae(source, tmp_path):
                                    atol=1e-5, rtol=0)
 
 
-def test_to_timm_rejects_foreign_files(tmp_path):
+def test_to_timm_rejects_foreign_files(tmp_path, capsys):
     src = tmp_path / "resnet.pth"
     torch.save({"model": create_model("resnet18").state_dict()}, src)
-    p = subprocess.run([sys.executable, "-m", "models.weights", "to_timm", str(src),
-                        str(tmp_path / "out.pth")], cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 2 and "neither" in p.stderr and "Traceback" not in p.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main(["to_timm", str(src), str(tmp_path / "out.pth")])
+    assert exit_info.value.code == 2 and "neither" in capsys.readouterr().err
     assert not (tmp_path / "out.pth").exists()
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read"):
+        load_file(str(tmp_path / "junk.pth"))
+    with pytest.raises(UserError, match="does not exist"):
+        load_file(str(tmp_path / "nothing.pth"))
