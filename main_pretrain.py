@@ -52,7 +52,9 @@ def validate_args(args):
 
 
 @exit_on_user_error
-def main(args, epoch_callback=None):
+def main(args, epoch_callback=None, record_extra=None):
+    """Pretrain. `epoch_callback(epoch, log)` runs after each epoch on every rank (the
+    hyperparameter search reports and prunes there); `record_extra`: more fields for run.json."""
     validate_args(args)
     from models import create_fcmae, model_names
     if args.model not in model_names():
@@ -109,7 +111,7 @@ def main(args, epoch_callback=None):
     loop = make_loop(args, run_dir, record, tstate, amp, updates_per_epoch, lr_schedule, None,
                      info.rank, world, resume_at)
     record.start(resumed=resume_at[2] is not None, start_epoch=resume_at[0], start_step=resume_at[1],
-                 n_parameters=n_parameters)
+                 n_parameters=n_parameters, **(record_extra or {}))
     vis_images = None
     if du.is_main_process() and args.vis_freq > 0:
         vis_set, _ = build_dataset(True, args, transform=_vis_transform(args))
@@ -142,4 +144,9 @@ def _vis_transform(args):
 
 
 if __name__ == "__main__":
-    main(parse_args(get_args_parser()))
+    args = parse_args(get_args_parser())
+    if args.optimize_config or args.storage:
+        from util.hpo import optimize
+        optimize(args, "pretrain")
+    else:
+        main(args)

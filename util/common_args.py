@@ -57,4 +57,10 @@ def add_common_args(parser, epochs, blr, min_lr, warmup_epochs):
     a("--dist_url", default="env://")
     a("--dist_timeout", default=600.0, type=float, help="seconds a rank waits for the others")
     a("--preflight", action="store_true", help="one step with the real model and data, then exit")
+    # hyperparameter search (util/hpo.py, docs/search.md)
+    a("--optimize_config", default=None, metavar="SEARCH_YAML",
+      help="run an Optuna study described by this file; every trial is a run with the sampled flags")
+    a("--storage", default=None, metavar="URL",
+      help="the study's Optuna storage: a journal file path or a database URL "
+           "(default: <runs_root>/studies/<study_name>/journal.log)")
     return parser

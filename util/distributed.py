@@ -141,6 +141,16 @@ def all_reduce_sum(t):
     return t
 
 
+_keep_group = False
+
+
+def keep_process_group(keep=True):
+    """While set, cleanup() leaves the process group up: a hyperparameter search runs main()
+    once per trial in one torchrun group and talks between trials (util/hpo.py)."""
+    global _keep_group
+    _keep_group = bool(keep)
+
+
 def cleanup():
-    if is_dist():
+    if is_dist() and not _keep_group:
         dist.destroy_process_group()

@@ -29,7 +29,7 @@ from util.errors import UserError, exit_on_user_error
 
 SIGNATURE_VERSION = 1  # bump when the signature's meaning changes; every run then gets a new one
 KINDS = ("finetune", "pretrain")
-STATUSES = ("running", "completed", "failed", "preempted")
+STATUSES = ("running", "completed", "failed", "preempted", "pruned")  # pruned: stopped by a search
 DEFAULT_ROOT = "runs"
 RECORD = "run.json"
 CONFIG = "config.yaml"
@@ -49,7 +49,7 @@ OUTCOME_EXCLUDED = frozenset({
     # resuming and run management
     "resume", "auto_resume", "force", "config", "start_epoch",
     "eval",  # evaluate-only launches make no run of their own
-    "optimize_config", "dry_run", "preflight",
+    "optimize_config", "storage", "dry_run", "preflight",  # storage: where a search keeps its study
     # Slurm
     "nodes", "ngpus", "timeout", "partition", "use_volta32", "comment", "account", "qos",
     "constraint", "mem_gb", "cpus_per_task",
@@ -324,7 +324,7 @@ class RunRecord:
         self._write()
 
     def finish(self, status, reason=None, **extra):
-        """Final status: completed | failed | preempted (reason: why it failed)."""
+        """Final status: completed | failed | preempted | pruned (reason: why it stopped)."""
         if status not in STATUSES[1:]:
             raise ValueError(f"finish status must be one of {STATUSES[1:]}, got {status!r}")
         if not self.is_main:

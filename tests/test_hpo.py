@@ -1,0 +1,239 @@
+"""Hyperparameter search (util/hpo.py): trials are ordinary runs on the built-in data; pruning,
+reuse of completed runs, a study killed and started again, two workers on one journal, a
+torchrun study whose pruned trial stops every rank, and search files refused before any trial."""
+import json
+import os
+import signal
+import subprocess
+
+import optuna
+import pytest
+import torch
+import yaml
+
+import main_finetune
+from tests.helpers import TINY, command, run, run_record, script_env
+from util import hpo
+from util.config import parse_args
+
+pytestmark = pytest.mark.slow
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+BASE = TINY + ["--batch_size", "16", "--epochs", "2"]
+
+
+def write_spec(path, **over):
+    spec = {"study_name": "s", "trials": 2, "seed": 0, "metric": "test_loss", "direction": "minimize",
+            "sampler": {"name": "RandomSampler"}, "pruner": {"name": "NopPruner"},
+            "search_space": {"blr": {"type": "float", "min": 1e-3, "max": 1e-2, "log": True}}}
+    spec.update(over)
+    with open(path, "w") as f:
+        yaml.safe_dump(spec, f)
+    return str(path)
+
+
+def flags(tmp_path, spec, extra=()):
+    return BASE + ["--runs_root", str(tmp_path / "runs"), "--optimize_config", spec, *extra]
+
+
+def optimize_here(argv):
+    """The study in this process (faster than a subprocess: no imports to repeat); one thread,
+    as the subprocesses (tests/helpers.script_env) on these shared cores."""
+    args = parse_args(main_finetune.get_args_parser(), argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return hpo.optimize(args, "finetune")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def load(tmp_path, name="s"):
+    sdir = tmp_path / "runs" / "studies" / name
+    return optuna.load_study(study_name=name, storage=hpo.open_storage(None, str(sdir))), sdir
+
+
+def test_study_prunes_and_reuses(tmp_path, capsys):
+    # Two of six learning rates are absurd: their test loss explodes after one epoch and the
+    # ThresholdPruner stops them; the grid makes the six trials exactly these six values.
+    grid = [1e-3, 2e-3, 4e-3, 8e-3, 40.0, 80.0]
+    spec = write_spec(tmp_path / "search.yaml", trials=6, sampler={"name": "GridSampler"},
+                      pruner={"name": "ThresholdPruner", "kwargs": {"upper": 10.0}},
+                      search_space={"blr": {"type": "categorical", "choices": grid}})
+    assert optimize_here(flags(tmp_path, spec)) == 0
+    study, sdir = load(tmp_path)
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(6))
+    by_blr = {t.params["blr"]: t for t in trials}
+    assert sorted(by_blr) == sorted(grid)
+    for blr in (40.0, 80.0):
+        t = by_blr[blr]
+        assert t.state.name == "PRUNED" and list(t.intermediate_values) == [0]
+        rec = run_record(t.user_attrs["run_dir"])
+        assert rec["status"] == "pruned" and "ThresholdPruner" in rec["reason"]
+        assert rec["study"] == {"name": "s", "trial": t.number, "params": {"blr": blr}, "dir": str(sdir)}
+    done = [by_blr[b] for b in grid[:4]]
+    assert all(t.state.name == "COMPLETE" and sorted(t.intermediate_values) == [0, 1] for t in done)
+    assert len({t.user_attrs["run_dir"] for t in trials}) == 6  # one run each
+    out = capsys.readouterr().out
+    best = study.best_trial
+    assert f"best trial {best.number}: test_loss {best.value:.6g}" in out
+    # best.yaml is the best run's config: as --config it names that very run
+    again = parse_args(main_finetune.get_args_parser(), ["--config", str(sdir / "best.yaml")])
+    assert again.blr == best.params["blr"] and again.epochs == 2
+    assert sorted(os.listdir(sdir / "tensorboard")) == [f"trial-{n:04d}" for n in range(6)]
+
+    # A second study over two of the completed settings trains nothing: both trials reuse.
+    spec2 = write_spec(tmp_path / "again.yaml", study_name="s2", trials=2, sampler={"name": "GridSampler"},
+                       search_space={"blr": {"type": "categorical", "choices": grid[:2]}})
+    assert optimize_here(flags(tmp_path, spec2)) == 0
+    study2, _ = load(tmp_path, "s2")
+    for t in study2.get_trials():
+        first = by_blr[t.params["blr"]]
+        assert t.state.name == "COMPLETE" and t.user_attrs["reused"] is True
+        assert t.value == pytest.approx(first.value)
+        assert t.user_attrs["run_dir"] == first.user_attrs["run_dir"]
+        assert len(run_record(t.user_attrs["run_dir"])["restarts"]) == 1  # not trained again
+
+
+def _wait_for_line(proc, needle, seen):
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            return
+    raise AssertionError(f"the study ended before {needle!r}:\n{''.join(seen[-40:])}")
+
+
+def test_killed_study_continues_with_the_same_trials(tmp_path):
+    spec = write_spec(tmp_path / "search.yaml", trials=4)
+    proc = subprocess.Popen(command("main_finetune.py", flags(tmp_path, spec)), env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        _wait_for_line(proc, "trial 1 COMPLETE", seen)
+        _wait_for_line(proc, "trial 2 started", seen)
+        _wait_for_line(proc, "train epoch 1 ", seen)  # trial 2's epoch 0 is checkpointed
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    study, _ = load(tmp_path)
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "COMPLETE", "RUNNING"]
+
+    p = run("main_finetune.py", flags(tmp_path, spec))
+    assert "trial 2 resumed" in p.stdout and "checkpoint-0.pth: epoch 1" in p.stdout
+    study, _ = load(tmp_path)
+    trials = study.get_trials()
+    assert [(t.number, t.state.name) for t in trials] == [(n, "COMPLETE") for n in range(4)]
+    resumed = run_record(trials[2].user_attrs["run_dir"])
+    assert [r["resumed"] for r in resumed["restarts"]] == [False, True]
+    assert sorted(trials[2].intermediate_values) == [0, 1]
+    # started again once complete: nothing more to do
+    p = run("main_finetune.py", flags(tmp_path, spec))
+    assert "started" not in p.stdout and "4 finished trials (4 complete, 0 pruned, 0 failed)" in p.stdout
+
+
+def test_two_workers_share_one_journal(tmp_path):
+    spec = write_spec(tmp_path / "search.yaml", trials=5, search_space={
+        "blr": {"type": "float", "min": 1e-3, "max": 1e-2, "log": True},
+        "drop_path": {"type": "float", "min": 0.0, "max": 0.3}})
+    argv = flags(tmp_path, spec, ["--epochs", "1"])
+    procs = [subprocess.Popen(command("main_finetune.py", argv), env=script_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    study, _ = load(tmp_path)
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == list(range(5))
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    runs_ = [t.user_attrs["run_dir"] for t in trials]
+    assert len(set(runs_)) == 5
+    for t in trials:
+        assert run_record(t.user_attrs["run_dir"])["study"]["trial"] == t.number
+    started = [sum(f"trial {n} started" in out for out in outs) for n in range(5)]
+    assert started == [1] * 5  # each trial trained by exactly one worker
+    assert len({t.user_attrs["worker"] for t in trials}) == 2, outs  # both took part
+
+
+def test_torchrun_study_prunes_on_every_rank(tmp_path):
+    spec = write_spec(tmp_path / "search.yaml", trials=2, sampler={"name": "GridSampler"},
+                      pruner={"name": "ThresholdPruner", "kwargs": {"upper": 10.0}},
+                      search_space={"blr": {"type": "categorical", "choices": [80.0, 2e-3]}})
+    p = run("main_finetune.py", flags(tmp_path, spec, ["--batch_size", "8"]), nproc=2)
+    study, _ = load(tmp_path)
+    states = {t.params["blr"]: t.state.name for t in study.get_trials()}
+    assert states == {80.0: "PRUNED", 2e-3: "COMPLETE"}, p.stdout
+    for t in study.get_trials():
+        assert run_record(t.user_attrs["run_dir"])["world_size"] == 2
+
+
+BAD = [
+    ({"trails": 3}, "unknown key 'trails' (did you mean trials?)"),
+    ({"search_space": {"blrr": {"type": "float", "min": 1, "max": 2}}}, "'blrr' is not a flag of this script"),
+    ({"search_space": {"blr": {"type": "real", "min": 1, "max": 2}}}, "type must be int, float or categorical"),
+    ({"search_space": {"blr": {"type": "float", "min": 2, "max": 1}}}, "min 2.0 is above max 1.0"),
+    ({"search_space": {"blr": {"type": "float", "min": 0, "max": 1, "log": True}}}, "log: true needs min > 0"),
+    ({"search_space": {"blr": {"type": "float", "min": 1, "max": 2, "choices": [1]}}}, "unknown key 'choices'"),
+    ({"search_space": {"epochs": {"type": "float", "min": 1, "max": 2}}}, "takes a whole number; use type: int"),
+    ({"search_space": {"num_workers": {"type": "int", "min": 1, "max": 2}}}, "not part of the run signature"),
+    ({"search_space": {"drop_path": {"type": "float", "min": 0, "max": 1.5}}}, "drop_path = 1.5 is refused"),
+    ({"search_space": {"model_ema": {"type": "categorical", "choices": [True, "maybe"]}}}, "expected a boolean"),
+    ({"sampler": {"name": "TPESamplr"}}, "unknown optuna.samplers class 'TPESamplr'"),
+    ({"pruner": {"name": "MedianPruner", "kwargs": {"n_startup": 1}}}, "pruner MedianPruner:"),
+    ({"metric": "test_acc"}, "metric 'test_acc' is not in the per-epoch log"),
+    ({"direction": "max"}, "direction must be maximize or minimize"),
+    ({"trials": 0}, "trials must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("over,message", BAD, ids=[m[:30] for _, m in BAD])
+def test_bad_search_file_fails_before_any_trial(tmp_path, capsys, over, message):
+    spec = write_spec(tmp_path / "search.yaml", **over)
+    with pytest.raises(SystemExit) as e:
+        optimize_here(flags(tmp_path, spec))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "runs" / "studies").exists()  # no study, no run
+    assert not os.listdir(tmp_path / "runs" / "finetune") if (tmp_path / "runs").exists() else True
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--output_dir", "x"], "--output_dir names one run"),
+    (["--lr", "0.1"], "blr has no effect while --lr"),
+])
+def test_launch_flags_that_name_one_run_are_refused(tmp_path, capsys, extra, message):
+    spec = write_spec(tmp_path / "search.yaml")
+    with pytest.raises(SystemExit) as e:
+        optimize_here(flags(tmp_path, spec, extra))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_search_file_from_the_command_line(tmp_path):
+    spec = write_spec(tmp_path / "search.yaml", search_space={"blr": {"type": "float", "min": 2, "max": 1}})
+    p = run("main_finetune.py", flags(tmp_path, spec), check=False)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [f"error: {spec}: search_space.blr: min 2.0 is above max 1.0"]
+    assert not (tmp_path / "runs" / "studies").exists()
+
+
+def test_sampler_seeding_and_study_conflicts(tmp_path):
+    path = write_spec(tmp_path / "search.yaml", sampler={"name": "TPESampler"})
+    args = parse_args(main_finetune.get_args_parser(), flags(tmp_path, path))
+    spec = hpo.prepare(args, "finetune")
+    assert hpo.make_sampler(spec, 3)._rng.rng.randint(1 << 30) == \
+        optuna.samplers.TPESampler(seed=3)._rng.rng.randint(1 << 30)
+    grid = hpo.make_sampler(hpo.SearchSpec(**{**spec.__dict__, "sampler": ("GridSampler", {}),
+                                              "params": {"drop_path": hpo.Param("drop_path", "categorical",
+                                                                                choices=[0.0, 0.1])}}), 5)
+    assert grid._search_space == {"drop_path": [0.0, 0.1]}
+    sdir = hpo.study_dir(args, spec)
+    hpo.open_study(args, spec, sdir, "finetune")
+    other = hpo.SearchSpec(**{**spec.__dict__, "metric": "test_acc1", "direction": "minimize"})
+    with pytest.raises(hpo.UserError, match="exists with metric test_loss"):
+        hpo.open_study(args, other, sdir, "finetune")
+    flipped = hpo.SearchSpec(**{**spec.__dict__, "direction": "maximize"})
+    with pytest.raises(hpo.UserError, match="exists with direction minimize"):
+        hpo.open_study(args, flipped, sdir, "finetune")
+    with open(os.path.join(sdir, "journal.log")) as f:
+        assert all(json.loads(line) for line in f)
