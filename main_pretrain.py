@@ -9,7 +9,7 @@ import torch
 
 import util.distributed as du
 from engine_pretrain import reconstruction_grid, train_one_epoch
-from main_finetune import maybe_compile
+from main_finetune import _bad_images, maybe_compile
 from util.common_args import add_common_args
 from util.config import add_config_args, parse_args, str2bool
 from util.errors import UserError, exit_on_user_error
@@ -31,24 +31,21 @@ def get_args_parser():
 
 
 def validate_args(args):
+    """The pretraining flags here; the shared ones, paths, output directory and model name in
+    util/validate.py."""
     checks = [
-        (args.batch_size >= 1, "--batch_size must be >= 1"),
-        (args.update_freq >= 1, "--update_freq must be >= 1"),
-        (args.epochs >= 1, "--epochs must be >= 1"),
         (0 < args.mask_ratio < 1, f"--mask_ratio {args.mask_ratio} must be in (0, 1), e.g. 0.6"),
         (args.input_size % 32 == 0 and args.input_size >= 32,
          f"--input_size {args.input_size} must be a multiple of 32 (the encoder's stride), e.g. "
          f"{max(32, args.input_size // 32 * 32)}"),
         (args.decoder_depth >= 0 and args.decoder_embed_dim >= 1, "--decoder_depth must be >= 0 and "
                                                                   "--decoder_embed_dim >= 1"),
-        (args.save_ckpt_num >= 1, "--save_ckpt_num must be >= 1"),
-        (2 <= args.synthetic_classes <= 10, "--synthetic_classes must be between 2 and 10"),
     ]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
-    if args.resume and not os.path.isfile(args.resume):
-        raise UserError(f"--resume {args.resume}: no such file; give the path of a .pth checkpoint")
+    from util.validate import check_args
+    check_args(args, "pretrain")
 
 
 @exit_on_user_error
@@ -56,9 +53,7 @@ def main(args, epoch_callback=None, record_extra=None):
     """Pretrain. `epoch_callback(epoch, log)` runs after each epoch on every rank (the
     hyperparameter search reports and prunes there); `record_extra`: more fields for run.json."""
     validate_args(args)
-    from models import create_fcmae, model_names
-    if args.model not in model_names():
-        create_fcmae(args.model)  # raises the one-line error with close names
+    from models import create_fcmae
     info = du.init_distributed(args)
     device, world = info.device, info.world_size
     from util.run_context import TrainingState, make_loop, open_run, resume_point, run_epochs, seed_everything
@@ -67,6 +62,13 @@ def main(args, epoch_callback=None, record_extra=None):
 
     from util.data import build_dataset, build_pretrain_transform, build_train_loader, mean_std
     train_set, _ = build_dataset(True, args, transform=build_pretrain_transform(args))
+    from util.validate import check_inputs
+
+    def build_model():
+        return create_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth,
+                            decoder_embed_dim=args.decoder_embed_dim, norm_pix_loss=args.norm_pix_loss,
+                            img_size=args.input_size)
+    check_inputs(args, train_set, world, build_model)
     from util.optim import cosine_schedule, create_optimizer, resolve_lr
     eff_batch = resolve_lr(args, world)
     run_dir, record = open_run(args, "pretrain", world)
@@ -74,9 +76,7 @@ def main(args, epoch_callback=None, record_extra=None):
         from util.data import BadImageLog
         train_set.bad_log = BadImageLog(os.path.join(run_dir, "bad_images.txt"))
 
-    model = create_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth,
-                         decoder_embed_dim=args.decoder_embed_dim, norm_pix_loss=args.norm_pix_loss,
-                         img_size=args.input_size)
+    model = build_model()
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -110,6 +110,8 @@ def main(args, epoch_callback=None, record_extra=None):
 
     loop = make_loop(args, run_dir, record, tstate, amp, updates_per_epoch, lr_schedule, None,
                      info.rank, world, resume_at)
+    if hasattr(train_set, "bad_log"):  # stop at the log line after too many unreadable images
+        loop.checks = lambda: _bad_images(train_set, args)
     record.start(resumed=resume_at[2] is not None, start_epoch=resume_at[0], start_step=resume_at[1],
                  n_parameters=n_parameters, **(record_extra or {}))
     vis_images = None
@@ -130,7 +132,8 @@ def main(args, epoch_callback=None, record_extra=None):
 
     result = run_epochs(args, run_dir, record, tstate, loop, train_loader, resume_at, train_fn, eval_fn,
                         best_name="train_loss", lower_is_better=True, epoch_callback=epoch_callback,
-                        epoch_extra=lambda: {"n_parameters": n_parameters})
+                        epoch_extra=lambda: {"n_parameters": n_parameters,
+                                             "bad_images": _bad_images(train_set, args)})
     du.cleanup()
     return result
 
@@ -144,7 +147,7 @@ def _vis_transform(args):
 
 
 if __name__ == "__main__":
-    args = parse_args(get_args_parser())
+    args = exit_on_user_error(parse_args)(get_args_parser())
     if args.optimize_config or args.storage:
         from util.hpo import optimize
         optimize(args, "pretrain")

@@ -14,6 +14,7 @@ def atomic_write_bytes(path, data: bytes):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            _test_kill_midway(f, path, data)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -32,6 +33,27 @@ def atomic_write_bytes(path, data: bytes):
             os.close(dfd)
     except OSError:
         pass
+
+
+_checkpoint_writes = 0
+
+
+def _test_kill_midway(f, path, data):
+    """Tests only (tests/test_faults.py): with SUITE_TEST_KILL_IN_WRITE=N in the environment,
+    this process SIGKILLs itself halfway through writing its N-th checkpoint file: a kill at
+    the worst moment, on purpose rather than by chance."""
+    n = os.environ.get("SUITE_TEST_KILL_IN_WRITE")
+    if not n or not os.path.basename(path).startswith("checkpoint"):
+        return
+    global _checkpoint_writes
+    _checkpoint_writes += 1
+    if _checkpoint_writes == int(n):
+        import signal
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        print(f"test: killing this process halfway through writing {path}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write_text(path, text: str):

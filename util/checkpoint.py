@@ -18,15 +18,23 @@ from util.atomic import atomic_torch_save
 from util.errors import UserError
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint as data. Missing, truncated or code-carrying files are UserErrors."""
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """Read a checkpoint as data. Missing, truncated or code-carrying files are UserErrors.
+    `mmap`: map the file instead of reading it (a cheap look at a big checkpoint)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; check the path given to --resume/--finetune")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:  # mmap needs the zip format: read older files the ordinary way
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        what = (lines or str(e).splitlines() or [""])[0].strip()[:160]
         raise UserError(f"refusing to load {path}: it holds pickled Python objects that could run code "
-                        f"({str(e).splitlines()[0][:160]}); re-save it as plain tensors") from None
+                        f"({what}); nothing was run; re-save it as plain tensors") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise UserError(f"checkpoint {path} is damaged or not a torch file ({str(e).splitlines()[0][:160]}); "
                         "use another checkpoint") from None
@@ -34,11 +42,22 @@ def load_checkpoint(path, map_location="cpu"):
 
 def save_checkpoint(state, path):
     """Atomic: a crash or a full disk leaves the previous file at `path` whole."""
+    remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))
     try:
         atomic_torch_save(state, path)
     except OSError as e:
         raise UserError(f"could not write checkpoint {path} ({e.strerror or e}); free disk space or "
                         "choose another --output_dir; the previous checkpoint is intact") from None
+
+
+def remove_stale_temporaries(folder):
+    """Delete half-written checkpoint temporaries a killed process left behind (call on the
+    only process that writes this folder's checkpoints, before it writes one)."""
+    for tmp in glob.glob(os.path.join(folder, ".checkpoint-*.pth.*.tmp")):
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def _epoch_of(path):

@@ -18,6 +18,16 @@ def exit_on_user_error(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {_message(e)}", file=sys.stderr, flush=True)
             sys.exit(2)
     return wrapper
+
+
+def _message(e):
+    """The one line. A UserError raised in a DataLoader worker reaches the main process with the
+    worker's traceback folded into its message; its last line is the original message."""
+    msg = str(e)
+    if "\nOriginal Traceback" in msg:
+        last = msg.rstrip().splitlines()[-1]
+        msg = last.split(": ", 1)[1] if last.startswith(("util.", "UserError")) and ": " in last else last
+    return msg

@@ -68,9 +68,12 @@ class TrainingState:
 
     def state(self, epoch, step, updates_per_epoch, update_freq, epoch_done):
         rngs = du.all_gather_object(rng_state())  # collective: every rank calls save()
+        # optimizer updates done: an epoch's end counts its whole epoch, so auto-resume prefers
+        # it to a rolling checkpoint-last.pth from inside the same epoch
+        done = (epoch + 1) * updates_per_epoch if epoch_done else epoch * updates_per_epoch + step // update_freq
         s = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
              "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step,
-             "epoch_done": epoch_done, "global_step": epoch * updates_per_epoch + step // update_freq,
+             "epoch_done": epoch_done, "global_step": done,
              "rng": rngs, "world_size": du.get_world_size(), "best": dict(self.best),
              "args": plain_args(self.args), "extra": dict(self.extra)}
         if self.ema is not None:

@@ -2,7 +2,6 @@
 backward, clipping, per-iteration lr/wd schedule, EMA, logging without per-step host syncs,
 and a clean stop at a step boundary (preemption, rolling checkpoint)."""
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -57,6 +56,7 @@ class LoopState:
     skipped_steps: list = field(default_factory=list)
     channels_last: bool = False
     world_size: int = 1
+    checks: Optional[Callable] = None           # checks() at each log line, same steps on all ranks
 
 
 def _to_device(x, device, channels_last):
@@ -99,7 +99,7 @@ def run_epoch(model, loss_fn, data_loader, optimizer, device, epoch, st: LoopSta
                 loss, extras = loss_fn(model, batch)
             loss_d = loss.detach()
             if st.skip_nonfinite:
-                if not math.isfinite(loss_d.item()):
+                if not _all_finite(loss_d):
                     _record_skip(st, epoch, step)
                     optimizer.zero_grad(set_to_none=True)
                     continue
@@ -124,11 +124,9 @@ def run_epoch(model, loss_fn, data_loader, optimizer, device, epoch, st: LoopSta
             if st.model_ema is not None:
                 st.model_ema.update(model, step=it)
         if log_now:
-            b = int(first_bad)
-            if b >= 0:
-                raise NonFiniteLoss(f"loss is not finite at epoch {epoch} step {b}; lower --lr/--blr, set "
-                                    "--clip_grad or --skip_nonfinite N, or check the data; the last good "
-                                    "checkpoint is untouched")
+            _raise_if_bad(first_bad, epoch)
+            if st.checks is not None:
+                st.checks()
             now = time.time()
             ips = imgs_since_log * st.world_size / max(now - t_log, 1e-9)
             max_lr = max(g["lr"] for g in optimizer.param_groups)
@@ -147,16 +145,14 @@ def run_epoch(model, loss_fn, data_loader, optimizer, device, epoch, st: LoopSta
         if is_update and st.stop is not None and step + 1 < total:
             stop, save_rolling = st.stop.poll()
             if (stop or save_rolling) and st.save_fn is not None:
+                _raise_if_bad(first_bad, epoch)  # never overwrite a good checkpoint with NaN weights
                 st.save_fn(epoch, step + 1, "last")
                 st.stop.saved()
             if stop:
                 raise Preempted(f"stopped at epoch {epoch} step {step + 1}")
     if st.stop is not None:
         st.stop.drain()
-    b = int(first_bad)
-    if b >= 0:
-        raise NonFiniteLoss(f"loss is not finite at epoch {epoch} step {b}; lower --lr/--blr, set --clip_grad "
-                            "or --skip_nonfinite N, or check the data; the last good checkpoint is untouched")
+    _raise_if_bad(first_bad, epoch)
     elapsed = time.time() - t0
     n_imgs = n_steps * (data_loader.batch_size or 1) * st.world_size
     stats = meter.averages()
@@ -164,6 +160,33 @@ def run_epoch(model, loss_fn, data_loader, optimizer, device, epoch, st: LoopSta
     stats["lr"] = max(g["lr"] for g in optimizer.param_groups)
     stats["img_per_s"] = n_imgs / max(elapsed, 1e-9)
     return stats
+
+
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_finite(loss):
+    """Is the loss finite on every rank? All ranks must skip a step together: a rank that
+    skipped the backward while the others run it would leave them waiting in DDP's all-reduce."""
+    ok = torch.isfinite(loss).to(torch.int32).reshape(1)
+    if _distributed():
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def _raise_if_bad(first_bad, epoch):
+    """Stop with the first step whose loss was not finite on any rank (all ranks agree)."""
+    b = first_bad.reshape(1).clone()
+    if _distributed():
+        none = torch.full_like(b, 2 ** 62)
+        b = torch.where(b < 0, none, b)
+        torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MIN)
+        b = torch.where(b == none, torch.full_like(b, -1), b)
+    b = int(b.item())
+    if b >= 0:
+        raise NonFiniteLoss(f"loss is not finite at epoch {epoch} step {b}; lower --lr/--blr, set --clip_grad "
+                            "or --skip_nonfinite N, or check the data; the last good checkpoint is untouched")
 
 
 def _record_skip(st, epoch, step):

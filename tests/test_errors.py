@@ -1,0 +1,238 @@
+"""Every user mistake of docs/errors.md, one test each: the real script ends with exactly one
+stderr line `error: ...` naming the problem and the fix, exit code 2, no traceback, and nothing
+lost (an existing run directory, checkpoints included, is byte for byte unchanged; a file that
+would run code on loading runs nothing). An internal fault keeps its traceback (exit 1).
+
+The launches run in processes forked from a server with the imports done (tests/forkrun.py);
+a few rows also run through a fresh interpreter to show the same line there.
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from tests import forkrun
+from tests.helpers import ROOT, TINY, run, run_record, script_env
+
+FT = TINY + ["--batch_size", "8", "--epochs", "1"]
+PRE = ["--model", "convnextv2_atto", "--data_set", "synthetic", "--input_size", "32",
+       "--synthetic_train_samples", "64", "--batch_size", "8", "--num_workers", "0", "--device", "cpu",
+       "--print_freq", "1", "--warmup_epochs", "0", "--decoder_embed_dim", "64", "--epochs", "1"]
+
+
+def _tree(root, classes, n=3):
+    for c in classes:
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (40, 40), (i * 60, 10, 200)).save(root / c / f"{i}.jpg")
+
+
+class Evil:
+    """Unpickling this runs `touch <marker>`: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    """Data folders, checkpoints and configs for the rows, and a completed run (`base`) that
+    every row points --output_dir at: a mistake must leave it as it was."""
+    d = tmp_path_factory.mktemp("errors")
+    _tree(d / "good" / "train", ["a", "b"])
+    _tree(d / "good" / "val", ["a", "b"])
+    _tree(d / "diff" / "train", ["a", "b"])
+    _tree(d / "diff" / "val", ["a", "c"])
+    _tree(d / "empty" / "train", ["a", "b"])
+    _tree(d / "empty" / "val", ["a", "b"])
+    os.makedirs(d / "empty" / "train" / "c")
+    _tree(d / "noval" / "train", ["a", "b"])
+    _tree(d / "notrain" / "val", ["a", "b"])
+    from models import create_fcmae, create_model
+    torch.save({"model": create_model("convnextv2_femto", num_classes=10).state_dict()}, d / "femto.pth")
+    torch.save({"model": create_fcmae("convnextv2_femto", decoder_embed_dim=64).state_dict()},
+               d / "femto_fcmae.pth")
+    marker = d / "CODE-RAN"
+    torch.save({"model": Evil(marker)}, d / "evil.pth")
+    data = (d / "femto.pth").read_bytes()
+    (d / "truncated.pth").write_bytes(data[: len(data) // 3])
+    (d / "unknown_key.yaml").write_text("epochz: 3\n")
+    (d / "bad_value.yaml").write_text("batch_size: many\n")
+    (d / "python_tag.yaml").write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
+    (d / "a_file").write_text("not a folder\n")
+    base = d / "base"
+    r = forkrun.run("main_finetune.py", FT + ["--output_dir", base], d)
+    assert r.returncode == 0, r.stderr
+    return {"d": d, "base": base, "marker": marker}
+
+
+def snapshot(folder):
+    """{path: (sha256, mtime_ns)} of every file under `folder`."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, folder)] = (hashlib.sha256(fh.read()).hexdigest(), os.stat(p).st_mtime_ns)
+    return out
+
+
+def one_line(r, fragment):
+    """Exactly one stderr line, `error: ...` holding `fragment`; exit 2; no traceback."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
+    assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# (id, script, flags -- {d}: the fixture folder, {base}: the completed run --, fragment of the line)
+ROWS = [
+    ("data_path_missing", "main_finetune.py", ["--data_set", "image_folder"], "needs --data_path"),
+    ("data_path_not_found", "main_finetune.py", ["--data_set", "image_folder", "--data_path", "{d}/nowhere"],
+     "--data_path {d}/nowhere: no such directory"),
+    ("no_train_folder", "main_finetune.py", ["--data_set", "image_folder", "--data_path", "{d}/notrain"],
+     "training folder {d}/notrain/train does not exist"),
+    ("no_val_folder", "main_finetune.py", ["--data_set", "image_folder", "--data_path", "{d}/noval"],
+     "validation folder {d}/noval/val does not exist"),
+    ("empty_class_folder", "main_finetune.py", ["--data_set", "image_folder", "--data_path", "{d}/empty"],
+     "every class folder needs at least one image"),
+    ("different_classes", "main_finetune.py", ["--data_set", "image_folder", "--data_path", "{d}/diff"],
+     "only in train: ['b'], only in val: ['c']"),
+    ("unknown_model", "main_finetune.py", ["--model", "convnextv2_tinny"],
+     "unknown model 'convnextv2_tinny'; did you mean convnextv2_tiny, convnext_tiny"),
+    ("unknown_fcmae_model", "main_pretrain.py", ["--model", "resnet18"], "unknown FCMAE model 'resnet18'"),
+    ("unknown_data_set", "main_finetune.py", ["--data_set", "synthetc"], "did you mean synthetic?"),
+    ("resume_other_architecture", "main_finetune.py", ["--resume", "{d}/femto.pth"],
+     "--resume {d}/femto.pth does not match --model: downsample_layers.0.0.weight has shape (48, 3, 4, 4)"),
+    ("finetune_other_architecture", "main_finetune.py", ["--finetune", "{d}/femto.pth"],
+     "--finetune {d}/femto.pth: checkpoint does not fit the model: downsample_layers.0.0.weight"),
+    ("pretrain_resume_other_architecture", "main_pretrain.py", ["--resume", "{d}/femto_fcmae.pth"],
+     "does not match --model: encoder.downsample_layers.0.0.weight"),
+    ("resume_missing_file", "main_finetune.py", ["--resume", "{d}/nope.pth"], "--resume {d}/nope.pth: no such file"),
+    ("finetune_missing_file", "main_finetune.py", ["--finetune", "{d}/nope.pth"], "--finetune {d}/nope.pth: no such file"),
+    ("resume_damaged_file", "main_finetune.py", ["--resume", "{d}/truncated.pth"], "is damaged or not a torch file"),
+    ("resume_pickled_code", "main_finetune.py", ["--resume", "{d}/evil.pth"],
+     "refusing to load {d}/evil.pth: it holds pickled Python objects that could run code"),
+    ("finetune_pickled_code", "main_finetune.py", ["--finetune", "{d}/evil.pth"], "refusing to load {d}/evil.pth"),
+    ("pretrain_resume_pickled_code", "main_pretrain.py", ["--resume", "{d}/evil.pth"], "refusing to load"),
+    ("config_unknown_key", "main_finetune.py", ["--config", "{d}/unknown_key.yaml"],
+     "unknown key 'epochz' (did you mean epochs?)"),
+    ("config_bad_value", "main_finetune.py", ["--config", "{d}/bad_value.yaml"], "batch_size: invalid value 'many'"),
+    ("config_python_tag", "main_finetune.py", ["--config", "{d}/python_tag.yaml"], "Python tags"),
+    ("pretrain_config_python_tag", "main_pretrain.py", ["--config", "{d}/python_tag.yaml"], "Python tags"),
+    ("config_missing", "main_finetune.py", ["--config", "{d}/nope.yaml"], "config file not found"),
+    ("mask_ratio_out_of_range", "main_pretrain.py", ["--mask_ratio", "1.0"], "--mask_ratio 1.0 must be in (0, 1)"),
+    ("input_size_not_multiple_of_32", "main_pretrain.py", ["--input_size", "48"], "multiple of 32"),
+    ("input_size_too_small", "main_finetune.py", ["--input_size", "8"], "--input_size 8 must be >= 16"),
+    ("drop_path_out_of_range", "main_finetune.py", ["--drop_path", "1.5"], "--drop_path 1.5 must be in [0, 1)"),
+    ("update_freq_zero", "main_finetune.py", ["--update_freq", "0"], "--update_freq 0 must be >= 1"),
+    ("negative_lr", "main_finetune.py", ["--lr", "-1"], "--lr -1.0 must be >= 0"),
+    ("batch_larger_than_dataset", "main_finetune.py", ["--batch_size", "100"],
+     "the training set has 64 images, fewer than one global batch"),
+    ("update_freq_larger_than_epoch", "main_finetune.py", ["--update_freq", "20"], "fewer than --update_freq 20"),
+    ("pretrain_batch_larger_than_dataset", "main_pretrain.py", ["--batch_size", "100"], "fewer than one global batch"),
+    ("unwritable_output_dir", "main_finetune.py", ["--output_dir", "{d}/a_file/run"],
+     "--output_dir {d}/a_file/run is not a writable directory"),
+    ("eval_without_weights", "main_finetune.py", ["--eval", "True"], "--eval True needs --resume or --finetune"),
+    ("cuda_without_cuda", "main_finetune.py", ["--device", "cuda"], "asked for CUDA but none is available"),
+]
+
+
+def _fill(items, w):
+    return [str(x).format(d=w["d"], base=w["base"]) for x in items]
+
+
+@pytest.mark.parametrize("name,script,flags,fragment", ROWS, ids=[r[0] for r in ROWS])
+def test_mistake_is_one_line_and_loses_nothing(w, tmp_path, name, script, flags, fragment):
+    if name == "cuda_without_cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    before = snapshot(w["base"])
+    common = FT if script == "main_finetune.py" else PRE
+    r = forkrun.run(script, common + ["--output_dir", str(w["base"])] + _fill(flags, w), tmp_path)
+    one_line(r, _fill([fragment], w)[0])
+    assert snapshot(w["base"]) == before
+    assert not os.path.exists(w["marker"]), "a checkpoint or config ran code"
+
+
+def test_unknown_model_names_each_match_once(w, tmp_path):
+    r = forkrun.run("main_finetune.py", FT + ["--model", "convnextv2_tinny"], tmp_path)
+    line = one_line(r, "did you mean")
+    names = line.split("did you mean ")[1].rstrip("?").split(", ")
+    assert len(names) == len(set(names)), line
+
+
+def test_argparse_errors_exit_2_without_traceback(w, tmp_path):
+    """argparse's own error: usage lines, then `prog: error: ...`; exit 2, no traceback."""
+    r = forkrun.run("main_finetune.py", FT + ["--batch_size", "abc"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "error: argument --batch_size: invalid int value: 'abc'" in r.stderr.strip().splitlines()[-1]
+
+
+def test_fresh_interpreter_same_line(w):
+    before = snapshot(w["base"])
+    r = run("main_pretrain.py", PRE + ["--output_dir", str(w["base"]), "--config", str(w["d"] / "python_tag.yaml")],
+            check=False)
+    one_line(r, "Python tags")
+    assert snapshot(w["base"]) == before and not os.path.exists(w["marker"])
+
+
+def test_internal_fault_keeps_its_traceback(w, tmp_path):
+    """Not a user mistake: a fault inside the code is not turned into one line."""
+    out = tmp_path / "run"
+    code = ("import sys, main_finetune\n"
+            "from util.config import parse_args\n"
+            "def broken(*a, **k):\n"
+            "    raise RuntimeError('an internal fault')\n"
+            "main_finetune.train_one_epoch = broken\n"
+            "main_finetune.main(parse_args(main_finetune.get_args_parser(), sys.argv[1:]))\n")
+    p = subprocess.run([sys.executable, "-c", code, *FT, "--output_dir", str(out)], cwd=ROOT,
+                       env=script_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "Traceback (most recent call last)" in p.stderr and "RuntimeError: an internal fault" in p.stderr
+    assert not any(line.startswith("error:") for line in p.stderr.splitlines())
+    rec = run_record(out)
+    assert rec["status"] == "failed" and rec["reason"] == "RuntimeError: an internal fault"
+
+
+def _finite(path):
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return all(torch.isfinite(v).all() for v in sd["model"].values() if v.is_floating_point()), sd
+
+
+def test_nonfinite_loss_names_the_step_and_keeps_checkpoints(w, tmp_path):
+    """A far too high lr: the run resumed from epoch 0's checkpoint stops at the first
+    non-finite loss with the epoch and step, and leaves every checkpoint as it was."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(w["base"], run_dir)
+    before = snapshot(run_dir)
+    r = forkrun.run("main_finetune.py", FT + ["--output_dir", run_dir, "--epochs", "2", "--lr", "1e30"], tmp_path)
+    one_line(r, "loss is not finite at epoch 1 step 1;")
+    after = snapshot(run_dir)
+    for name in ("checkpoint-0.pth", "checkpoint-best.pth", "log.txt"):
+        assert after[name] == before[name], name
+    assert not (run_dir / "checkpoint-1.pth").exists() and not (run_dir / "checkpoint-last.pth").exists()
+    rec = run_record(run_dir)
+    assert rec["status"] == "failed" and "epoch 1 step 1" in rec["reason"]
+
+
+def test_nonfinite_loss_is_never_saved_by_a_rolling_checkpoint(w, tmp_path):
+    """Rolling checkpoints every step, log lines rarely: the step after the loss went
+    non-finite is not saved; checkpoint-last.pth holds the last finite state."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(w["base"], run_dir)
+    r = forkrun.run("main_finetune.py", FT + ["--output_dir", run_dir, "--epochs", "2", "--lr", "1e30",
+                                             "--save_ckpt_minutes", "0.00001", "--print_freq", "100"], tmp_path)
+    one_line(r, "loss is not finite at epoch 1 step 1;")
+    ok, ck = _finite(run_dir / "checkpoint-last.pth")
+    assert ok and (ck["epoch"], ck["step"]) == (1, 1)
+

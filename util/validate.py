@@ -1,0 +1,167 @@
+"""Checks both scripts run before any compute: every mistake a user can make in a launch ends
+here with one line (UserError), before the model is built, a run directory is marked or a GPU
+hour is spent.
+
+`check_args(args, kind)`: flag values in range, paths that exist and can be read, an output
+directory that can be written, a known model and, for `--resume` / `--finetune`, a file that
+loads as data. `check_inputs(args, train_set, world_size, model_fn)`: needs the dataset (and
+the launch's world size): the batch fits the dataset, and a checkpoint to resume or fine-tune
+from fits the model, checked on a shape-only (meta device) copy of it.
+"""
+import os
+import tempfile
+import warnings
+
+from util.errors import UserError
+
+
+def _ranges(args, kind):
+    """(ok, message) for every flag with a range; messages name the flag and a valid value."""
+    g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    checks = [
+        (args.batch_size >= 1, f"--batch_size {args.batch_size} must be >= 1"),
+        (args.update_freq >= 1, f"--update_freq {args.update_freq} must be >= 1"),
+        (args.epochs >= 1, f"--epochs {args.epochs} must be >= 1"),
+        (0 <= args.start_epoch < args.epochs, f"--start_epoch {args.start_epoch} must be in [0, --epochs)"),
+        (args.lr is None or args.lr >= 0, f"--lr {args.lr} must be >= 0"),
+        (args.blr >= 0, f"--blr {args.blr} must be >= 0"),
+        (args.min_lr >= 0, f"--min_lr {args.min_lr} must be >= 0"),
+        (args.weight_decay >= 0, f"--weight_decay {args.weight_decay} must be >= 0"),
+        (args.warmup_epochs >= 0, f"--warmup_epochs {args.warmup_epochs} must be >= 0"),
+        (args.clip_grad is None or args.clip_grad > 0, f"--clip_grad {args.clip_grad} must be > 0 (or left out)"),
+        (args.num_workers >= 0, f"--num_workers {args.num_workers} must be >= 0"),
+        (args.print_freq >= 1, f"--print_freq {args.print_freq} must be >= 1"),
+        (args.save_ckpt_freq >= 1, f"--save_ckpt_freq {args.save_ckpt_freq} must be >= 1"),
+        (args.save_ckpt_num >= 1, f"--save_ckpt_num {args.save_ckpt_num} must be >= 1"),
+        (args.save_ckpt_minutes >= 0, f"--save_ckpt_minutes {args.save_ckpt_minutes} must be >= 0 (0: off)"),
+        (args.max_bad_images >= 0, f"--max_bad_images {args.max_bad_images} must be >= 0"),
+        (args.skip_nonfinite >= 0, f"--skip_nonfinite {args.skip_nonfinite} must be >= 0"),
+        (args.dist_timeout > 0, f"--dist_timeout {args.dist_timeout} must be > 0 seconds"),
+        (args.synthetic_train_samples >= 1 and args.synthetic_val_samples >= 1,
+         "--synthetic_train_samples and --synthetic_val_samples must be >= 1"),
+        (2 <= args.synthetic_classes <= 10, f"--synthetic_classes {args.synthetic_classes} must be between 2 and 10"),
+        (g("crop_pct") is None or 0 < args.crop_pct <= 1, f"--crop_pct {g('crop_pct')} must be in (0, 1]"),
+    ]
+    if kind == "finetune":
+        checks += [
+            (args.input_size >= 16, f"--input_size {args.input_size} must be >= 16"),
+            (0 <= args.drop_path < 1, f"--drop_path {args.drop_path} must be in [0, 1), e.g. 0.1"),
+            (0 < args.layer_decay <= 1, f"--layer_decay {args.layer_decay} must be in (0, 1]"),
+            (0 <= args.smoothing < 1, f"--smoothing {args.smoothing} must be in [0, 1)"),
+            (0 <= args.reprob <= 1, f"--reprob {args.reprob} must be in [0, 1]"),
+            (args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
+            (0 <= args.mixup_prob <= 1, f"--mixup_prob {args.mixup_prob} must be in [0, 1]"),
+            (0 <= args.model_ema_decay < 1, f"--model_ema_decay {args.model_ema_decay} must be in [0, 1)"),
+            (args.weight_decay_end is None or args.weight_decay_end >= 0, "--weight_decay_end must be >= 0"),
+        ]
+    return checks
+
+
+def check_args(args, kind):
+    """Everything that can be checked from the flags and the file system alone."""
+    for ok, msg in _ranges(args, kind):
+        if not ok:
+            raise UserError(msg)
+    check_model_name(args.model, kind)
+    if args.data_set != "synthetic" and args.data_path:
+        _readable_dir(args.data_path, "--data_path")
+    if getattr(args, "eval_data_path", None):
+        _readable_dir(args.eval_data_path, "--eval_data_path")
+    for flag in ("resume", "finetune"):
+        path = getattr(args, flag, "")
+        if path:
+            _readable_file(path, f"--{flag}")
+    if getattr(args, "eval", False) and not (args.resume or getattr(args, "finetune", "")):
+        raise UserError("--eval True needs --resume or --finetune to know which weights to evaluate")
+    check_writable(args.output_dir or os.path.join(args.runs_root or "runs", kind),
+                   "--output_dir" if args.output_dir else "--runs_root")
+
+
+def check_model_name(name, kind):
+    """Unknown names end with the close matches (models.create_model's message)."""
+    from models import create_fcmae, create_model, model_names
+    if name in model_names():
+        return
+    if kind == "pretrain":
+        create_fcmae(name)  # FCMAE needs one of ours: raises with the close names
+    import timm
+    if not timm.is_model(name):
+        create_model(name)  # raises with the close names
+
+
+def _readable_dir(path, flag):
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: no such directory")
+    try:
+        os.listdir(path)
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be read ({e.strerror}); check its permissions") from None
+
+
+def _readable_file(path, flag):
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file; give the path of a .pth checkpoint")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be read ({e.strerror}); check its permissions") from None
+
+
+def check_writable(folder, flag):
+    """Create `folder` (as the run would) and write a probe file in it: permissions, a file in
+    the way or a read-only file system show up now, not at the first checkpoint."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {folder} is not a writable directory ({e.strerror or e}); "
+                        "choose another one") from None
+
+
+def check_inputs(args, train_set, world_size, model_fn):
+    """Checks that need the dataset: the batch fits it, and --resume / --finetune fit the model
+    that `model_fn()` builds (called on the meta device: shapes only, no memory, no init)."""
+    n, global_batch = len(train_set), args.batch_size * world_size
+    if n < global_batch:
+        raise UserError(f"the training set has {n} images, fewer than one global batch "
+                        f"({args.batch_size} x {world_size} processes); lower --batch_size")
+    if n // global_batch < args.update_freq:
+        raise UserError(f"one epoch has {n // global_batch} batches, fewer than --update_freq "
+                        f"{args.update_freq}; lower --update_freq or --batch_size")
+    if args.resume or getattr(args, "finetune", ""):
+        check_checkpoints(args, model_fn)
+
+
+def check_checkpoints(args, model_fn):
+    import torch
+
+    from util.checkpoint import check_state_dict_matches, load_checkpoint
+    try:
+        with torch.device("meta"):
+            model = model_fn()
+    except UserError:
+        raise
+    except Exception:  # a model that cannot be built shape-only: the real load checks it later
+        model = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, mmap=True)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+            raise UserError(f"--resume {args.resume} is not a checkpoint of this suite (no 'model' "
+                            "entry); to start from other weights use --finetune")
+        if model is not None:
+            check_state_dict_matches(model, ckpt["model"], f"--resume {args.resume}")
+    if getattr(args, "finetune", ""):
+        ckpt = load_checkpoint(args.finetune, mmap=True)
+        if model is not None:
+            from main_finetune import finetune_state_dict
+            from models.weights import check_fit, encoder_state_dict
+            sd = finetune_state_dict(args, ckpt)
+            with warnings.catch_warnings():  # the real load warns about a dropped head once
+                warnings.simplefilter("ignore")
+                try:
+                    check_fit(model.state_dict(), encoder_state_dict(sd))
+                except UserError as e:
+                    raise UserError(f"--finetune {args.finetune}: {e}") from None
