@@ -18,7 +18,9 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "submitit_finetune.py")
 # tiny CPU jobs: one CPU per task, no GPU request, 1 GB
-SLURM = ["--gpus_per_node", "0", "--cpus_per_task", "1", "--mem_gb", "1", "--timeout", "10"]
+# every job of this session carries TAG as its comment: the tests find (and clean up) their own
+TAG = f"convnextv2-pytest-{os.getpid()}"
+SLURM = ["--gpus_per_node", "0", "--cpus_per_task", "1", "--mem_gb", "1", "--timeout", "10", "--comment", TAG]
 TINY = ["--model", "convnextv2_atto", "--data_set", "synthetic", "--input_size", "32",
         "--synthetic_val_samples", "32", "--batch_size", "16", "--num_workers", "0", "--aa", "none",
         "--reprob", "0", "--warmup_epochs", "0", "--print_freq", "1", "--device", "cpu"]
@@ -56,16 +58,16 @@ def job_log(run_dir, task=0, ext="out"):
     return open(path).read() if os.path.exists(path) else ""
 
 
-def wait_for_step(run_dir, step, timeout=120):
-    """Block until the job's rank 0 has logged `step` of epoch 0; return the log."""
+def wait_for_log(run_dir, text, timeout=120):
+    """Block until rank 0 of the run's job has printed `text`; return the log."""
     end = time.time() + timeout
     while time.time() < end:
         if os.path.exists(os.path.join(run_dir, "slurm", "job.json")):
             log = job_log(run_dir)
-            if f"train epoch 0 [{step}/" in log:
+            if text in log:
                 return log
         time.sleep(0.1)
-    raise AssertionError(f"the job never reached step {step}:\n{job_log(run_dir)[-3000:]}")
+    raise AssertionError(f"the job never printed {text!r}:\n{job_log(run_dir)[-3000:]}")
 
 
 def last_step(log, epoch=0):
@@ -85,18 +87,24 @@ def assert_same_weights(a, b):
     assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
 
 
+def our_jobs():
+    """Ids of this session's jobs still queued or running."""
+    out = subprocess.run(["squeue", "-h", "-o", "%A|%k"], capture_output=True, text=True).stdout
+    return [line.split("|")[0] for line in out.splitlines() if line.endswith("|" + TAG)]
+
+
 @pytest.fixture(autouse=True)
 def _no_jobs_left(slurm_cluster):
-    """Each test starts and ends with an empty queue on the private cluster."""
+    """No job of a test outlives it (whatever else runs on the cluster)."""
     yield
-    ids = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True).stdout.split()
+    ids = our_jobs()
     if ids:
         subprocess.run(["scancel", *ids], capture_output=True)
 
 
 class Reference:
-    """LONG, never stopped, run on this machine without Slurm (--cluster local). Started when a
-    test first asks for it and run beside that test's Slurm job (one thread each)."""
+    """LONG, never stopped, run on this machine without Slurm (--cluster local), beside the
+    Slurm job it is compared with (one thread each)."""
 
     def __init__(self, out):
         self.out = out
@@ -111,19 +119,14 @@ class Reference:
             assert self.proc.returncode == 0, out[-2000:] + err[-3000:]
         return self.out / "checkpoint-1.pth"
 
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    ref = Reference(tmp_path_factory.mktemp("reference") / "run")
-    yield ref
-    if ref.proc.poll() is None:
-        ref.proc.kill()
-        ref.proc.wait()
-
-
-# ---------------------------------------------------------------- before anything is queued
 
 def run_inprocess(argv, capsys):
+    """The launcher in this process (no 5 s of imports per launch); (exit code, stdout, stderr)."""
     import submitit_finetune
     try:
         code = submitit_finetune.main(argv)
@@ -132,6 +135,16 @@ def run_inprocess(argv, capsys):
     out, err = capsys.readouterr()
     return code, out, err
 
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """sbatch passes the submitting environment to the job."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+
+
+# ---------------------------------------------------------------- before anything is queued
 
 def test_dry_run_shows_nodes_tasks_and_time(tmp_path, capsys):
     run_dir = tmp_path / "run"
@@ -144,7 +157,7 @@ def test_dry_run_shows_nodes_tasks_and_time(tmp_path, capsys):
         assert line in out, out
     assert "gpus" not in out  # --gpus_per_node 0: no GPU request on a CPU cluster
     assert not run_dir.exists()  # nothing created, nothing submitted
-    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""
+    assert our_jobs() == []
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -152,6 +165,7 @@ def test_dry_run_shows_nodes_tasks_and_time(tmp_path, capsys):
     (["--nodes", "3"], "--nodes 3: partition debug allows at most 2 node(s)"),
     (["--nodes", "1", "--partition", "urgent", "--timeout", "90"], "above partition urgent's MaxTime"),
     (["--nodes", "1", "--ngpus", "3"], "CPUs per node"),
+    (["--nodes", "1", "--gpus_per_node", "1"], "has no GPUs: pass --gpus_per_node 0"),
     (["--nodes", "1", "--data_set", "IMNET", "--data_path", "/no/such/imagenet"], "/no/such/imagenet"),
 ])
 def test_bad_input_refused_before_queueing(tmp_path, capsys, extra, message):
@@ -160,97 +174,95 @@ def test_bad_input_refused_before_queueing(tmp_path, capsys, extra, message):
     assert code not in (0, None)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
-    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""
+    assert our_jobs() == []
 
 
 # ---------------------------------------------------------------- jobs
 
-@pytest.mark.parametrize("nodes,ngpus", [(2, 1), (1, 2)])
-def test_two_processes_complete(tmp_path, capsys, nodes, ngpus):
-    run_dir = tmp_path / "run"
-    args = ["--nodes", str(nodes), "--ngpus", str(ngpus), *SLURM, *SHORT, "--output_dir", str(run_dir)]
-    p = launch([*args, "--wait"], cwd=str(tmp_path))
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    assert "completed" in p.stdout.splitlines()[-1]
-    rec = record(run_dir)
-    assert rec["status"] == "completed" and rec["world_size"] == 2
-    assert rec["slurm"]["job_id"] == job_id(run_dir)
-    assert os.path.exists(run_dir / "checkpoint-0.pth")
+def test_two_nodes_and_two_tasks_per_node_complete(tmp_path, capsys, one_thread):
+    """--nodes 2 --ngpus 1 and --nodes 1 --ngpus 2, side by side (they fill the 4 CPUs)."""
+    dirs = {layout: tmp_path / f"run{layout[0]}x{layout[1]}" for layout in ((2, 1), (1, 2))}
+    argv = {layout: ["--nodes", str(layout[0]), "--ngpus", str(layout[1]), *SLURM, *SHORT,
+                     "--output_dir", str(d)] for layout, d in dirs.items()}
+    code, out, err = run_inprocess(argv[(2, 1)], capsys)
+    assert code == 0 and "submitted job" in out, err
+    code, out, err = run_inprocess([*argv[(1, 2)], "--wait"], capsys)
+    assert code == 0 and "completed" in out.splitlines()[-1], out + err
+    first = job_id(dirs[(2, 1)])
+    end = time.time() + 120
+    while sl.slurm_state(first) not in sl.FINAL_STATES and time.time() < end:
+        time.sleep(0.5)
+    for layout, run_dir in dirs.items():
+        rec = record(run_dir)
+        assert rec["status"] == "completed" and rec["world_size"] == 2, (layout, rec.get("reason"))
+        assert rec["slurm"]["job_id"] == job_id(run_dir)
+        assert sl.slurm_state(job_id(run_dir)) == "COMPLETED"
+        assert os.path.exists(run_dir / "checkpoint-0.pth")
     # the same submission again: reported, not redone
-    code, out, err = run_inprocess(args, capsys)
+    code, out, err = run_inprocess(argv[(2, 1)], capsys)
     assert code == 0 and "already completed" in out, out + err
 
 
-def test_failing_job_shows_its_error(tmp_path):
+def test_failing_job_shows_its_error(tmp_path, capsys, one_thread):
+    """A mistake only the compute node can see (it has no MPS device): the job fails, --wait
+    prints why, run.json says why."""
     run_dir = tmp_path / "run"
-    p = launch(["--nodes", "1", "--ngpus", "1", *SLURM, *SHORT, "--model", "no_such_model",
-                "--output_dir", str(run_dir), "--wait"], cwd=str(tmp_path))
-    assert p.returncode != 0
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: job ") and "FAILED" in last and "no_such_model" in last, p.stderr
+    code, out, err = run_inprocess(["--nodes", "1", "--ngpus", "1", *SLURM, *SHORT, "--device", "mps",
+                                    "--output_dir", str(run_dir), "--wait"], capsys)
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: job ") and "FAILED" in last and "--device mps" in last, err
     rec = record(run_dir)
-    assert rec["status"] == "failed" and "no_such_model" in rec["reason"]
+    assert rec["status"] == "failed" and "--device mps" in rec["reason"]
 
 
-def test_preempted_by_urgent_job_resumes_exactly(tmp_path, capsys, reference):
+def test_preempted_and_requeued_run_resumes_exactly(tmp_path, capsys):
     """A job of the higher-priority partition `urgent` that needs every CPU preempts the run
-    mid-epoch: USR2, save at the step boundary, requeue, resume at that step, same weights."""
+    in epoch 0 (USR2: save at the step boundary, submitit requeues); later `scontrol requeue`
+    (SIGTERM only: save, Slurm requeues) stops it in epoch 1. Each time it resumes at the saved
+    step, losing at most the step in flight, and it ends with the weights of a run that never
+    stopped."""
+    reference = Reference(tmp_path / "reference")
     run_dir = tmp_path / "run"
     args = ["--nodes", "1", "--ngpus", "1", *SLURM, *LONG, "--output_dir", str(run_dir)]
     waiter = subprocess.Popen([sys.executable, LAUNCHER, *args, "--wait"], env=env(), cwd=str(tmp_path),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_step(run_dir, 5)
+        wait_for_log(run_dir, "train epoch 0 [5/")
         # a second submission of the running run is refused with its job id
         code, out, err = run_inprocess(args, capsys)
         assert code == 2 and f"as job {job_id(run_dir)}" in err, err
         urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N", "2", "--ntasks-per-node", "2",
-                                 "-o", str(tmp_path / "urgent.out"), "--wrap", "echo urgent ran"],
+                                 "--comment", TAG, "-o", str(tmp_path / "urgent.out"), "--wrap", "echo urgent ran"],
                                 capture_output=True, text=True, check=True).stdout.strip()
-        out, err = waiter.communicate(timeout=240)
-    finally:
-        if waiter.poll() is None:
-            waiter.kill()
-    assert waiter.returncode == 0, out[-2000:] + err[-3000:]
-    assert sl.slurm_state(urgent) == "COMPLETED"
-    rec = record(run_dir)
-    assert rec["status"] == "completed"
-    first, again = rec["restarts"][0], rec["restarts"][-1]
-    assert len(rec["restarts"]) == 2 and again["resumed"] and again["slurm"]["restart_count"] >= 1
-    assert again["slurm"]["job_id"] == first["slurm"]["job_id"]
-    log = job_log(run_dir)
-    assert "received SIGUSR2" in log and "Requeued job" in log + job_log(run_dir, ext="err")
-    stopped_at = log.split("received SIGUSR2")[0]
-    # resumed mid-epoch, after every step the first attempt logged (at most the step in flight
-    # was redone: none is lost)
-    assert again["start_epoch"] == 0 and 5 <= last_step(stopped_at) <= again["start_step"] < 40, again
-    assert f"resumed from {run_dir}/checkpoint-last.pth: epoch 0 step {again['start_step']}" in log
-    assert_same_weights(reference.weights_file(), run_dir / "checkpoint-1.pth")
-
-
-def test_scontrol_requeue_loses_at_most_the_current_step(tmp_path, reference):
-    """`scontrol requeue` sends SIGTERM only (no USR2): the run saves at the step boundary and
-    Slurm itself requeues it."""
-    run_dir = tmp_path / "run"
-    args = ["--nodes", "1", "--ngpus", "1", *SLURM, *LONG, "--output_dir", str(run_dir)]
-    waiter = subprocess.Popen([sys.executable, LAUNCHER, *args, "--wait"], env=env(), cwd=str(tmp_path),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        log = wait_for_step(run_dir, 5)
-        done_before = last_step(log)
+        wait_for_log(run_dir, "train epoch 1 [5/", timeout=180)
+        before_term = last_step(job_log(run_dir), epoch=1)
         subprocess.run(["scontrol", "requeue", job_id(run_dir)], check=True, capture_output=True)
         out, err = waiter.communicate(timeout=240)
+        ref_weights = reference.weights_file()
     finally:
+        reference.stop()
         if waiter.poll() is None:
             waiter.kill()
+            waiter.wait()
     assert waiter.returncode == 0, out[-2000:] + err[-3000:]
+    assert out.count(": RUNNING") >= 3, out  # --wait followed the job through both requeues
+    assert sl.slurm_state(urgent) == "COMPLETED"
     rec = record(run_dir)
-    assert rec["status"] == "completed"
-    again = rec["restarts"][-1]
-    assert len(rec["restarts"]) == 2 and again["resumed"], rec["restarts"]
+    assert rec["status"] == "completed" and len(rec["restarts"]) == 3, rec["restarts"]
+    fresh, after_usr2, after_term = rec["restarts"]
+    assert not fresh["resumed"] and after_usr2["resumed"] and after_term["resumed"]
+    assert {r["slurm"]["job_id"] for r in rec["restarts"]} == {job_id(run_dir)}
+    assert [r["slurm"].get("restart_count", 0) for r in rec["restarts"]] == [0, 1, 2]
     log = job_log(run_dir)
-    assert "received SIGTERM" in log
-    # every step finished before the signal is kept (at most the one in flight is redone)
-    assert again["start_epoch"] == 0 and 5 <= done_before <= again["start_step"] < 40, (done_before, again)
-    assert last_step(log.split("received SIGTERM")[0]) <= again["start_step"]
-    assert_same_weights(reference.weights_file(), run_dir / "checkpoint-1.pth")
+    attempt1, rest = log.split("received SIGUSR2", 1)
+    attempt2, attempt3 = rest.split("received SIGTERM", 1)
+    assert "Requeued job" in log + job_log(run_dir, ext="err")  # submitit's requeue after USR2
+    # preempted mid-epoch 0: resumed after every step the first attempt logged
+    assert after_usr2["start_epoch"] == 0 and 5 <= last_step(attempt1) <= after_usr2["start_step"] < 40
+    assert f"resumed from {run_dir}/checkpoint-last.pth: epoch 0 step {after_usr2['start_step']}" in attempt2
+    # scontrol requeue mid-epoch 1: every step finished before the signal is kept
+    assert after_term["start_epoch"] == 1 and 5 <= before_term <= after_term["start_step"] < 40
+    assert last_step(attempt2, epoch=1) <= after_term["start_step"]
+    assert f"epoch 1 step {after_term['start_step']}" in attempt3
+    assert_same_weights(ref_weights, run_dir / "checkpoint-1.pth")

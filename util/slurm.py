@@ -73,6 +73,8 @@ def add_slurm_args(parser):
     a("--dry_run", action="store_true", help="print the run directory and the batch script; submit nothing")
     a("--wait", type=str2bool, nargs="?", const=True, default=False,
       help="block until the job ends and show its result or error")
+    a("--parallel", default=1, type=int,
+      help="with --optimize_config: trials at once, each its own job (this process drives the study)")
     return parser
 
 
@@ -619,9 +621,6 @@ def launch(kind, module_name, argv=None):
     args = parse_args(launcher_parser(module), argv)
     check_launch_flags(args)
     margs = split_args(args, main_dests)
-    if getattr(margs, "optimize_config", None) or getattr(margs, "storage", None):
-        raise UserError("the Slurm launchers submit single runs; start a search (--optimize_config) "
-                        f"with {module_name}.py itself")
     if hasattr(module, "validate_args"):
         module.validate_args(margs)
     check_data(margs)
@@ -630,6 +629,9 @@ def launch(kind, module_name, argv=None):
         if shutil.which("sbatch") is None and not args.dry_run:
             raise UserError("sbatch is not on PATH (no Slurm here); use --cluster local to run on this machine")
         check_partition(args)
+    if margs.optimize_config or margs.storage:  # a search: each trial a job (util/hpo.py)
+        from util.hpo import optimize_slurm
+        return optimize_slurm(kind, args, margs)
 
     try:
         run_dir, folder = resolve_run(margs, args, kind, world)
