@@ -195,9 +195,12 @@ def _save_atomic(obj, path):
 def to_timm(src, dst, model_key=DEFAULT_MODEL_KEY):
     sd, name, num_classes = to_timm_state_dict(load_file(src, model_key))
     _save_atomic({k: v.contiguous() for k, v in sd.items()}, dst)
-    head = f"num_classes={num_classes}" if num_classes else "num_classes=0 (no head)"
-    print(f"wrote {dst}: timm.create_model({name!r}, pretrained=True, {head}, "
-          f"pretrained_cfg_overlay=dict(file={dst!r}))")
+    if num_classes:
+        how = (f"num_classes={num_classes}, pretrained_cfg_overlay=dict(file={str(dst)!r}, "
+               f"num_classes={num_classes})")
+    else:  # encoder only: timm loads non-strictly when num_classes differs from its 1000
+        how = f"num_classes=<yours, not 1000>, pretrained_cfg_overlay=dict(file={str(dst)!r})"
+    print(f"wrote {dst}; load it with timm.create_model({name!r}, pretrained=True, {how})")
 
 
 def build_parser():
