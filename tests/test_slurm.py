@@ -25,6 +25,9 @@ TINY = ["--model", "convnextv2_atto", "--data_set", "synthetic", "--input_size",
         "--synthetic_val_samples", "32", "--batch_size", "16", "--num_workers", "0", "--aa", "none",
         "--reprob", "0", "--warmup_epochs", "0", "--print_freq", "1", "--device", "cpu"]
 SHORT = TINY + ["--synthetic_train_samples", "128", "--epochs", "1"]
+PRETRAIN = ["--model", "convnextv2_atto", "--data_set", "synthetic", "--input_size", "64",
+            "--synthetic_train_samples", "64", "--batch_size", "16", "--num_workers", "0", "--epochs", "1",
+            "--warmup_epochs", "0", "--device", "cpu"]
 # long enough to be stopped mid-epoch: 2 epochs of 40 steps
 LONG = TINY + ["--synthetic_train_samples", "640", "--epochs", "2"]
 
@@ -125,11 +128,11 @@ class Reference:
             self.proc.wait()
 
 
-def run_inprocess(argv, capsys):
+def run_inprocess(argv, capsys, script="submitit_finetune"):
     """The launcher in this process (no 5 s of imports per launch); (exit code, stdout, stderr)."""
-    import submitit_finetune
+    import importlib
     try:
-        code = submitit_finetune.main(argv)
+        code = importlib.import_module(script).main(argv)
     except SystemExit as e:
         code = e.code
     out, err = capsys.readouterr()
@@ -166,7 +169,9 @@ def test_dry_run_shows_nodes_tasks_and_time(tmp_path, capsys):
     (["--nodes", "1", "--partition", "urgent", "--timeout", "90"], "above partition urgent's MaxTime"),
     (["--nodes", "1", "--ngpus", "3"], "CPUs per node"),
     (["--nodes", "1", "--gpus_per_node", "1"], "has no GPUs: pass --gpus_per_node 0"),
+    (["--nodes", "1", "--mem_gb", "100"], "--mem_gb 100 per node, but the nodes of partition debug have"),
     (["--nodes", "1", "--data_set", "IMNET", "--data_path", "/no/such/imagenet"], "/no/such/imagenet"),
+    (["--nodes", "1", "--slurm_extra", "no-such-option=1"], "sbatch refused the job: sbatch: unrecognized option"),
 ])
 def test_bad_input_refused_before_queueing(tmp_path, capsys, extra, message):
     code, out, err = run_inprocess([*SLURM, *SHORT, "--ngpus", "1", *extra, "--output_dir",
@@ -174,32 +179,35 @@ def test_bad_input_refused_before_queueing(tmp_path, capsys, extra, message):
     assert code not in (0, None)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
-    assert our_jobs() == []
+    assert our_jobs() == [] and not (tmp_path / "run" / "slurm").exists()  # nothing submitted
 
 
 # ---------------------------------------------------------------- jobs
 
 def test_two_nodes_and_two_tasks_per_node_complete(tmp_path, capsys, one_thread):
-    """--nodes 2 --ngpus 1 and --nodes 1 --ngpus 2, side by side (they fill the 4 CPUs)."""
-    dirs = {layout: tmp_path / f"run{layout[0]}x{layout[1]}" for layout in ((2, 1), (1, 2))}
-    argv = {layout: ["--nodes", str(layout[0]), "--ngpus", str(layout[1]), *SLURM, *SHORT,
-                     "--output_dir", str(d)] for layout, d in dirs.items()}
-    code, out, err = run_inprocess(argv[(2, 1)], capsys)
-    assert code == 0 and "submitted job" in out, err
-    code, out, err = run_inprocess([*argv[(1, 2)], "--wait"], capsys)
+    """Fine-tuning with --nodes 2 --ngpus 1 and with --nodes 1 --ngpus 2 side by side (they fill
+    the 4 CPUs), then pretraining with --nodes 2 --ngpus 1 (queued until they are done)."""
+    jobs = {"finetune 2x1": ("submitit_finetune", ["--nodes", "2", "--ngpus", "1", *SHORT]),
+            "pretrain 2x1": ("submitit_pretrain", ["--nodes", "2", "--ngpus", "1", *PRETRAIN]),
+            "finetune 1x2": ("submitit_finetune", ["--nodes", "1", "--ngpus", "2", *SHORT])}
+    dirs = {name: tmp_path / name.replace(" ", "-") for name in jobs}
+    argv = {name: [*SLURM, *flags, "--output_dir", str(dirs[name])] for name, (_, flags) in jobs.items()}
+    for name in ("finetune 2x1", "pretrain 2x1"):
+        code, out, err = run_inprocess(argv[name], capsys, jobs[name][0])
+        assert code == 0 and "submitted job" in out, err
+    code, out, err = run_inprocess([*argv["finetune 1x2"], "--wait"], capsys, jobs["finetune 1x2"][0])
     assert code == 0 and "completed" in out.splitlines()[-1], out + err
-    first = job_id(dirs[(2, 1)])
-    end = time.time() + 120
-    while sl.slurm_state(first) not in sl.FINAL_STATES and time.time() < end:
+    end = time.time() + 180
+    while any(sl.slurm_state(job_id(d)) not in sl.FINAL_STATES for d in dirs.values()) and time.time() < end:
         time.sleep(0.5)
-    for layout, run_dir in dirs.items():
+    for name, run_dir in dirs.items():
         rec = record(run_dir)
-        assert rec["status"] == "completed" and rec["world_size"] == 2, (layout, rec.get("reason"))
-        assert rec["slurm"]["job_id"] == job_id(run_dir)
+        assert rec["status"] == "completed" and rec["world_size"] == 2, (name, rec.get("reason"))
+        assert rec["kind"] == name.split()[0] and rec["slurm"]["job_id"] == job_id(run_dir)
         assert sl.slurm_state(job_id(run_dir)) == "COMPLETED"
         assert os.path.exists(run_dir / "checkpoint-0.pth")
     # the same submission again: reported, not redone
-    code, out, err = run_inprocess(argv[(2, 1)], capsys)
+    code, out, err = run_inprocess(argv["finetune 2x1"], capsys)
     assert code == 0 and "already completed" in out, out + err
 
 

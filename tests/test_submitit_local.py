@@ -86,6 +86,22 @@ def test_dry_run_without_slurm_prints_the_batch_script(tmp_path, monkeypatch, ca
     assert not run_dir.exists()
 
 
+def test_original_pretrain_command_line_dry_run(tmp_path, monkeypatch, capsys):
+    """TRAINING.md's line, as is: --job_dir is where the run (results) goes."""
+    import submitit_pretrain
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))
+    (tmp_path / "imagenet-1k" / "train").mkdir(parents=True)
+    results = tmp_path / "save_results"
+    code = submitit_pretrain.main([
+        "--nodes", "8", "--ngpus", "8", "--model", "convnextv2_base", "--batch_size", "64", "--blr", "1.5e-4",
+        "--epochs", "1600", "--warmup_epochs", "40", "--data_path", str(tmp_path / "imagenet-1k"),
+        "--job_dir", str(results), "--dry_run"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"run directory: {results}" in out and "#SBATCH --job-name=pretrain-save_results" in out
+    assert "#SBATCH --nodes=8" in out and "#SBATCH --ntasks-per-node=8" in out and "#SBATCH --time=4320" in out
+
+
 def test_sbatch_refused_where_there_is_no_slurm(tmp_path, monkeypatch, capsys):
     import submitit_finetune
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable))

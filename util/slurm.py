@@ -129,6 +129,10 @@ def gpus_per_node(args):
     return args.ngpus if args.gpus_per_node < 0 else args.gpus_per_node
 
 
+def mem_gb_per_node(args):
+    return args.mem_gb if args.mem_gb else 40 * args.ngpus
+
+
 # ---------------------------------------------------------------- checks before queueing
 
 def check_data(args):
@@ -201,16 +205,18 @@ def partitions():
 
 
 def _node_resources(partition):
-    """(max CPUs of a node, any GPU gres) of the partition's nodes, from sinfo; None if unknown."""
-    p = _run(["sinfo", "-h", "-p", partition, "-o", "%c|%G"])
+    """(max CPUs, max memory in MB, any GPU gres) over the partition's nodes, from sinfo; None
+    if unknown."""
+    p = _run(["sinfo", "-h", "-p", partition, "-o", "%c|%m|%G"])
     if p is None or p.returncode != 0 or not p.stdout.strip():
         return None
-    cpus, gpus = 0, False
+    cpus, mem, gpus = 0, 0, False
     for line in p.stdout.splitlines():
-        c, _, g = line.partition("|")
+        c, m, g = (line.split("|") + ["", "", ""])[:3]
         cpus = max(cpus, int(re.sub(r"\D", "", c) or 0))
+        mem = max(mem, int(re.sub(r"\D", "", m) or 0))
         gpus = gpus or "gpu" in g
-    return cpus, gpus
+    return cpus, mem, gpus
 
 
 def check_partition(args):
@@ -242,11 +248,15 @@ def check_partition(args):
                         f"{info.get('MaxTime')} ({max_time:g} min); ask for less time")
     res = _node_resources(name)
     if res is not None:
-        cpus, has_gpus = res
+        cpus, mem_mb, has_gpus = res
         need = args.ngpus * args.cpus_per_task
         if cpus and need > cpus:
             raise UserError(f"{args.ngpus} task(s) per node x --cpus_per_task {args.cpus_per_task} = {need} "
                             f"CPUs per node, but the nodes of partition {name} have {cpus}; lower them")
+        mem_gb = mem_gb_per_node(args)
+        if mem_mb and mem_gb * 1024 > mem_mb:
+            raise UserError(f"--mem_gb {mem_gb:g} per node, but the nodes of partition {name} have "
+                            f"{mem_mb} MB; pass a smaller --mem_gb")
         if gpus_per_node(args) > 0 and not has_gpus:
             raise UserError(f"partition {name} has no GPUs: pass --gpus_per_node 0 (then --ngpus is "
                             "the number of processes per node)")
@@ -347,7 +357,7 @@ def slurm_parameters(args, name):
     constraint = "&".join(c for c in ("volta32gb" if args.use_volta32 else "", args.constraint) if c)
     params = {
         "job_name": name, "time": args.timeout, "nodes": args.nodes, "ntasks_per_node": args.ngpus,
-        "cpus_per_task": args.cpus_per_task, "mem": _mem(args.mem_gb if args.mem_gb else 40 * args.ngpus),
+        "cpus_per_task": args.cpus_per_task, "mem": _mem(mem_gb_per_node(args)),
         "signal_delay_s": args.signal_delay_s,
         "setup": [_pythonpath_line()],
     }
@@ -564,13 +574,16 @@ def wait_for(job, args, run_dir, poll_s=1.0, out=None):
     from util import runs
     out = out or sys.stdout
     if args.cluster == "slurm":
-        last = None
+        last, unknown_since = None, None
         while True:
             state = slurm_state(job.job_id) or "UNKNOWN"
             if state != last:
                 print(f"job {job.job_id}: {state}", file=out, flush=True)
                 last = state
             if state in FINAL_STATES:
+                break
+            unknown_since = (unknown_since or time.time()) if state == "UNKNOWN" else None
+            if unknown_since and time.time() - unknown_since > 120:  # squeue forgot it, no sacct
                 break
             time.sleep(poll_s)
     else:  # local: wait for the processes; debug: run it here, now
@@ -581,7 +594,7 @@ def wait_for(job, args, run_dir, poll_s=1.0, out=None):
             state = "FAILED"
     record = runs.RunRecord.load(run_dir) or {}
     status = record.get("status")
-    if state == "COMPLETED" and status == "completed":
+    if state in ("COMPLETED", "UNKNOWN") and status == "completed":
         best = (record.get("best_metric") or {})
         extra = f" (best {best.get('name')} {best['value']:.4g})" if best.get("value") is not None else ""
         print(f"job {job.job_id} completed: run {run_dir}{extra}", file=out, flush=True)
@@ -604,12 +617,38 @@ def launcher_parser(module):
     return add_slurm_args(parser)
 
 
-def _remove_if_empty(path, existed):
-    if not existed:
+def _remove_if_empty(path, had_content):
+    """Undo prepare_run_dir's mkdir when nothing was submitted."""
+    if not had_content:
         try:
             os.rmdir(path)
         except OSError:
             pass
+
+
+def submit(executor, trainer, run_dir, had_content):
+    """executor.submit, with sbatch's refusal as one line (and its leftovers removed)."""
+    import contextlib
+    import io
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+    folder = os.path.join(run_dir, "slurm")
+    before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):  # submitit prints sbatch's stderr itself
+            job = executor.submit(trainer)
+    except (FailedJobError, FailedSubmissionError) as e:
+        for name in (set(os.listdir(folder)) - before) if os.path.isdir(folder) else ():
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                os.remove(path)
+        if not before:
+            _remove_if_empty(folder, False)
+        _remove_if_empty(run_dir, had_content)
+        msg = " ".join((str(e) or said.getvalue()).split())
+        raise UserError(f"sbatch refused the job: {msg[-400:]}") from None
+    sys.stderr.write(said.getvalue())
+    return job
 
 
 @exit_on_user_error
@@ -638,7 +677,7 @@ def launch(kind, module_name, argv=None):
     except runs.RunCompleted as done:
         print(str(done))
         return 0
-    existed = bool(os.listdir(run_dir))
+    had_content = bool(os.listdir(run_dir))
     busy = active_job(run_dir)
     if busy:
         how = "pass --force to start a fresh run beside it" if not (args.output_dir or args.job_dir) \
@@ -654,17 +693,10 @@ def launch(kind, module_name, argv=None):
             print(batch_script(make_executor(args, folder, name, preview=True)))
         else:
             print(f"--cluster {args.cluster}: no batch script; {args.ngpus} process(es) on this machine")
-        _remove_if_empty(run_dir, existed)
+        _remove_if_empty(run_dir, had_content)
         return 0
 
-    executor = make_executor(args, folder, name)
-    try:
-        job = executor.submit(Trainer(module_name, kind, margs))
-    except Exception as e:
-        if type(e).__name__ == "FailedJobError" or isinstance(e, subprocess.CalledProcessError):
-            msg = " ".join(str(e).split())
-            raise UserError(f"submission refused: {msg[-400:]}") from None
-        raise
+    job = submit(make_executor(args, folder, name), Trainer(module_name, kind, margs), run_dir, had_content)
     os.makedirs(os.path.dirname(_job_record_path(run_dir)), exist_ok=True)
     atomic_write_json(_job_record_path(run_dir), {
         "cluster": args.cluster, "job_id": str(job.job_id), "job_folder": str(job.paths.folder),
