@@ -237,3 +237,32 @@ def test_sampler_seeding_and_study_conflicts(tmp_path):
         hpo.open_study(args, flipped, sdir, "finetune")
     with open(os.path.join(sdir, "journal.log")) as f:
         assert all(json.loads(line) for line in f)
+
+
+@pytest.mark.slurm
+def test_parallel_study_on_slurm(tmp_path, slurm_cluster):
+    """submitit_finetune.py --optimize_config --parallel 2 on the test cluster: each trial a job,
+    two in flight at once, one of them pruned inside its job."""
+    spec = write_spec(tmp_path / "search.yaml", trials=3, sampler={"name": "GridSampler"},
+                      pruner={"name": "ThresholdPruner", "kwargs": {"upper": 10.0}},
+                      search_space={"blr": {"type": "categorical", "choices": [1e-3, 80.0, 2e-3]}})
+    slurm_flags = ["--nodes", "1", "--ngpus", "1", "--gpus_per_node", "0", "--cpus_per_task", "1",
+                   "--mem_gb", "1", "--timeout", "10", "--parallel", "2"]
+    p = subprocess.run(command("submitit_finetune.py", slurm_flags + flags(tmp_path, spec)), env=script_env(),
+                       cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    study, sdir = load(tmp_path)
+    trials = study.get_trials()
+    assert {t.params["blr"]: t.state.name for t in trials} == {1e-3: "COMPLETE", 80.0: "PRUNED", 2e-3: "COMPLETE"}
+    jobs = [run_record(t.user_attrs["run_dir"])["slurm"]["job_id"] for t in trials]
+    assert len(set(jobs)) == 3
+    lines = p.stdout.splitlines()
+    first_done = min(i for i, ln in enumerate(lines) if ln.endswith(")") and ("COMPLETE (job" in ln or "PRUNED (job" in ln))
+    assert sum("submitted as job" in ln for ln in lines[:first_done]) == 2, p.stdout  # two in flight
+    acct = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(jobs), "-o", "JobID,State,Start,End"],
+                          capture_output=True, text=True).stdout.split()
+    acct = {row.split("|")[0]: row.split("|")[1:] for row in acct}
+    assert all(acct[j][0] == "COMPLETED" for j in jobs), acct  # a pruned trial's job ends well too
+    (_, s0, e0), (_, s1, e1) = acct[jobs[0]], acct[jobs[1]]
+    assert s0 <= e1 and s1 <= e0, acct  # the first two jobs ran at the same time
+    assert (sdir / "best.yaml").exists()

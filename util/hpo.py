@@ -594,10 +594,15 @@ def wait_for_twins(study, sdir, numbers, poll_s=10.0):
 class TrialTask:
     """Train one trial: callable on every rank of the process or group that trains it (here, or
     in a Slurm job); rank 0 talks to Optuna. Picklable: holds the flags, the spec and where the
-    study is (`storage`: the launch's --storage or None for the journal in the study folder)."""
+    study is (`storage`: the launch's --storage or None for the journal in the study folder).
 
-    def __init__(self, kind, args, spec, job, sdir, storage=None):
+    `run_dir`: the run directory chosen before submitting (Slurm), else the signature picks it.
+    `stop_on_setup_error`: a UserError before the run opened means the launch's own flags
+    cannot run (e.g. no such data): end the study instead of failing every trial alike."""
+
+    def __init__(self, kind, args, spec, job, sdir, storage=None, run_dir=None, stop_on_setup_error=True):
         self.kind, self.args, self.spec, self.job, self.sdir, self.storage = kind, args, spec, job, sdir, storage
+        self.run_dir, self.stop_on_setup_error = run_dir, stop_on_setup_error
 
     def study(self, storage=None):
         """A handle on the study for reporting and telling. Its sampler is never asked (the
@@ -622,6 +627,8 @@ class TrialTask:
             if job.same_as:
                 wait_for_twins(study, self.sdir, job.same_as)
         targs = trial_args(self.args, spec, job.params)
+        if self.run_dir:
+            targs.output_dir = self.run_dir
         extra = {"study": {"name": spec.study_name, "trial": job.number, "params": job.params,
                            "dir": os.path.abspath(self.sdir)}}
         outcome = Outcome(job.number, "FAIL")
@@ -660,12 +667,20 @@ class TrialTask:
             outcome.state, outcome.run_dir, outcome.reused = "COMPLETE", done.run_dir, True
         except UserError as e:
             outcome.reason, outcome.run_dir = str(e), targs.output_dir or None
-            if not targs.output_dir:  # before its run opened: the launch's flags cannot run at all
+            if self.stop_on_setup_error and not targs.output_dir:  # before its run opened: the launch's
+                # own flags cannot run at all
                 self._tell(trial, outcome)
                 raise UserError(f"trial {outcome.number}: {e}") from None
         except Exception as e:  # a failed trial keeps its run (status failed) and the study goes on
             outcome.reason, outcome.run_dir = f"{type(e).__name__}: {e}", targs.output_dir or None
             traceback.print_exc()
+        return outcome
+
+    def tell(self, outcome, storage=None):
+        """Tell an outcome decided outside the trial's run (by the driver: a reused run, a job
+        that died without telling)."""
+        import optuna
+        self._tell(optuna.trial.Trial(self.study(storage), self.job.trial_id), outcome)
         return outcome
 
     def _tell(self, trial, o):
@@ -685,9 +700,10 @@ class TrialTask:
         if o.state == "PRUNED":
             o.value = frozen.value
         write_hparams(self.sdir, self.spec, o.number, frozen.params, o.state, o.value)
-        what = {"COMPLETE": f"{self.spec.metric} {o.value:.6g}" + (f" (epoch {o.epoch})" if o.epoch is not None else "")
-                + (" reused from a completed run" if o.reused else ""),
-                "PRUNED": o.reason, "FAIL": o.reason}[o.state]
+        what = o.reason
+        if o.state == "COMPLETE":
+            what = f"{self.spec.metric} {o.value:.6g}" + (f" (epoch {o.epoch})" if o.epoch is not None else "") \
+                + (" reused from a completed run" if o.reused else "")
         print(f"[study {self.spec.study_name}] trial {o.number} {o.state}: {what}; run {o.run_dir}", flush=True)
 
 
@@ -742,31 +758,54 @@ def local_launcher(kind, args, spec, sdir):
     return make
 
 
-def run_study(args, kind, spec, make_launcher):
+def run_study(args, kind, spec, make_launcher, parallel=1, sdir=None):
     """The driver (every rank under torchrun calls it; rank 0 decides): open the study, then
     take trials (orphans first) and hand each to `launch(job) -> Outcome` until the study has
     `trials` finished or running ones. `make_launcher(study)` (study is None off rank 0) gives
-    `launch`: the local launcher trains the trial on every rank of this group; a Slurm launcher
-    would submit it as a job that reports and tells itself, and wait for it.
-    Returns (study, "done" | "preempted")."""
-    sdir = study_dir(args, spec)
+    `launch`: the local launcher trains the trial on every rank of this group; the Slurm
+    launcher submits it as a job that reports and tells itself, and waits for it, `parallel`
+    of them at once (one thread each). Returns (study, "done" | "preempted")."""
+    sdir = sdir or study_dir(args, spec)
     study = None
     if du.is_main_process():
         with _study_lock(sdir):
             study = open_study(args, spec, sdir, kind)
     launch = make_launcher(study)
+    if parallel <= 1:
+        return study, _drive(study, spec, sdir, launch)
+    import threading
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(_drive(study, spec, sdir, launch))
+        except BaseException as e:  # re-raised in the main thread
+            errors.append(e)
+    threads = [threading.Thread(target=worker, daemon=True, name=f"trials-{i}") for i in range(parallel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(timeout=1.0)  # wakes up for Ctrl-C
+    if errors:
+        raise errors[0]
+    return study, "preempted" if "preempted" in results else "done"
+
+
+def _drive(study, spec, sdir, launch):
+    """Take trials and launch them until there is none left to take."""
     while True:
         job, lease = next_trial(study, spec, sdir) if du.is_main_process() else (None, None)
         job = du.broadcast_object(job)
         if job is None:
-            return study, "done"
+            return "done"
         try:
             outcome = launch(job)
         finally:
             if lease is not None:
                 lease.release()
         if outcome is not None and outcome.state == "preempted":
-            return study, "preempted"
+            return "preempted"
 
 
 def summarize(study, spec, sdir, out=None):
@@ -815,3 +854,137 @@ def optimize(args, kind):
         du.cleanup()
     return 0
 
+
+# ---------------------------------------------------------------- Slurm: one job per trial
+
+class TrialJobTrainer:
+    """What runs in every task of a trial's Slurm job (util/slurm.Trainer for a TrialTask): the
+    job's rank 0 reports, prunes and tells itself. On USR2 (time limit, preemption) the run saves
+    its state and submitit requeues this same object: the job resumes the same trial."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __call__(self):
+        import submitit
+        from util import slurm
+        env = slurm._job_environment()
+        if env is not None and env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                                  overwrite=True)
+        with slurm._SignalLog() as log:
+            outcome = self.task()
+        if outcome.state == "preempted" and env is not None and env.cluster != "debug":
+            slurm.Trainer._after_stop(env, log.received)
+        return outcome
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+        return submitit.helpers.DelayedSubmission(TrialJobTrainer(self.task))
+
+
+def _wait_for_job(cluster, job_id, job=None, poll_s=2.0):
+    """Block until the job is over (requeues included); its last state."""
+    from util import slurm
+    if cluster == "slurm":
+        unknown = 0
+        while True:
+            state = slurm.slurm_state(job_id)
+            unknown = unknown + 1 if state is None else 0
+            if state in slurm.FINAL_STATES or unknown > 30:
+                return state or "UNKNOWN"
+            time.sleep(poll_s)
+    if job is not None:  # local / debug: submitit waits for the processes (or runs it now)
+        try:
+            job.results()
+            return "COMPLETED"
+        except Exception:
+            return "FAILED"
+    while slurm._pid_alive(job_id):  # a local job that another driver started
+        time.sleep(poll_s)
+    return "UNKNOWN"
+
+
+def slurm_launcher(kind, args, margs, spec, sdir, poll_s=2.0):
+    """Launcher factory for run_study: each trial a job (`args`: the launcher's flags, `margs`:
+    the main script's)."""
+    from optuna.trial import TrialState
+    from util import runs, slurm
+    world = args.nodes * args.ngpus
+
+    def make(study):
+        storage = study._storage  # share the open journal with the tasks' handles
+
+        def launch(job):
+            prefix = f"[study {spec.study_name}] trial {job.number}"
+            if job.same_as:  # a running trial has these values: its run is ours; wait for it here
+                wait_for_twins(study, sdir, job.same_as)
+                job = dataclasses.replace(job, same_as=[])
+            task = TrialTask(kind, margs, spec, job, sdir, margs.storage, stop_on_setup_error=False)
+            while True:
+                targs = trial_args(margs, spec, job.params)
+                try:
+                    run_dir, folder = slurm.resolve_run(targs, args, kind, world)
+                except runs.RunCompleted as done:  # these settings ran to the end before: reuse
+                    value, epoch = best_value(spec, done.run_dir)
+                    ok = value is not None
+                    return task.tell(Outcome(job.number, "COMPLETE" if ok else "FAIL", value, epoch, done.run_dir,
+                                             None if ok else f"no finite {spec.metric} in its log", reused=True),
+                                     storage)
+                task.run_dir = run_dir
+                busy = slurm.active_job(run_dir)
+                if not busy:
+                    break
+                # A job is already on this run: this trial's own, submitted by a driver that has
+                # stopped since (the job reports and tells), or another study's.
+                print(f"{prefix}: its run is already job {busy[0]} ({busy[1]}); waiting for it", flush=True)
+                _wait_for_job(args.cluster, busy[0], None, poll_s)
+                frozen = study.get_trials(deepcopy=False)[job.number]
+                if frozen.state != TrialState.RUNNING:
+                    return _outcome(frozen, run_dir)
+            executor = slurm.make_executor(args, folder, f"{kind}-{spec.study_name}-trial{job.number}")
+            handle = executor.submit(TrialJobTrainer(task))
+            job_id = str(handle.job_id)
+            from util.atomic import atomic_write_json
+            os.makedirs(os.path.dirname(slurm._job_record_path(run_dir)), exist_ok=True)
+            atomic_write_json(slurm._job_record_path(run_dir), {
+                "cluster": args.cluster, "job_id": job_id, "job_folder": str(handle.paths.folder),
+                "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "study": spec.study_name,
+                "trial": job.number, "nodes": args.nodes, "tasks_per_node": args.ngpus})
+            print(f"{prefix} submitted as job {job_id}: {_fmt_params(job.params)}; run {run_dir}", flush=True)
+            state = _wait_for_job(args.cluster, job_id, handle, poll_s)
+            frozen = study.get_trials(deepcopy=False)[job.number]
+            if frozen.state == TrialState.RUNNING:  # the job ended without telling: it failed
+                why = slurm._error_line(handle, run_dir)
+                return task.tell(Outcome(job.number, "FAIL", run_dir=run_dir,
+                                         reason=f"job {job_id} ended {state}: {why}"), storage)
+            print(f"{prefix} {frozen.state.name} (job {job_id})", flush=True)
+            return _outcome(frozen, run_dir)
+        return launch
+    return make
+
+
+def _outcome(frozen, run_dir):
+    return Outcome(frozen.number, frozen.state.name, frozen.value, frozen.user_attrs.get("best_epoch"),
+                   frozen.user_attrs.get("run_dir", run_dir), frozen.user_attrs.get("reason"),
+                   bool(frozen.user_attrs.get("reused")))
+
+
+def optimize_slurm(kind, args, margs):
+    """`submitit_<kind>.py --optimize_config FILE [--parallel K]`: each trial a Slurm job (K at
+    once); this process drives the study until it is done. Returns the exit code."""
+    if args.parallel < 1:
+        raise UserError(f"--parallel {args.parallel} must be >= 1")
+    if args.job_dir:
+        raise UserError("--job_dir names one run; a study makes many (they go under --runs_root): leave it out")
+    spec = prepare(margs, kind)
+    sdir = os.path.abspath(study_dir(margs, spec))
+    if args.dry_run:
+        print(f"study {spec.study_name} in {sdir}: {spec.trials} trials, {args.parallel} at a time, each a "
+              f"job of {args.nodes} node(s) x {args.ngpus} task(s); {spec.direction} {spec.metric} over "
+              f"{', '.join(spec.params)}; nothing submitted")
+        return 0
+    study, _ = run_study(margs, kind, spec, slurm_launcher(kind, args, margs, spec, sdir),
+                         parallel=args.parallel, sdir=sdir)
+    summarize(study, spec, sdir)
+    return 0
