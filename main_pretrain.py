@@ -40,6 +40,10 @@ def validate_args(args):
          f"{max(32, args.input_size // 32 * 32)}"),
         (args.decoder_depth >= 0 and args.decoder_embed_dim >= 1, "--decoder_depth must be >= 0 and "
                                                                   "--decoder_embed_dim >= 1"),
+        (int((args.input_size // 32) ** 2 * (1 - args.mask_ratio)) >= 1,
+         f"--input_size {args.input_size} has {(args.input_size // 32) ** 2} patch(es) of 32 px and "
+         f"--mask_ratio {args.mask_ratio} keeps none of them; use a larger --input_size (e.g. 64) or "
+         "a lower --mask_ratio"),
     ]
     for ok, msg in checks:
         if not ok:

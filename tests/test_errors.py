@@ -20,7 +20,7 @@ from tests import forkrun
 from tests.helpers import ROOT, TINY, run, run_record, script_env
 
 FT = TINY + ["--batch_size", "8", "--epochs", "1"]
-PRE = ["--model", "convnextv2_atto", "--data_set", "synthetic", "--input_size", "32",
+PRE = ["--model", "convnextv2_atto", "--data_set", "synthetic", "--input_size", "64",
        "--synthetic_train_samples", "64", "--batch_size", "8", "--num_workers", "0", "--device", "cpu",
        "--print_freq", "1", "--warmup_epochs", "0", "--decoder_embed_dim", "64", "--epochs", "1"]
 
@@ -133,6 +133,8 @@ ROWS = [
     ("config_missing", "main_finetune.py", ["--config", "{d}/nope.yaml"], "config file not found"),
     ("mask_ratio_out_of_range", "main_pretrain.py", ["--mask_ratio", "1.0"], "--mask_ratio 1.0 must be in (0, 1)"),
     ("input_size_not_multiple_of_32", "main_pretrain.py", ["--input_size", "48"], "multiple of 32"),
+    ("mask_keeps_no_patch", "main_pretrain.py", ["--input_size", "32"],
+     "--input_size 32 has 1 patch(es) of 32 px and --mask_ratio 0.6 keeps none of them"),
     ("input_size_too_small", "main_finetune.py", ["--input_size", "8"], "--input_size 8 must be >= 16"),
     ("drop_path_out_of_range", "main_finetune.py", ["--drop_path", "1.5"], "--drop_path 1.5 must be in [0, 1)"),
     ("update_freq_zero", "main_finetune.py", ["--update_freq", "0"], "--update_freq 0 must be >= 1"),
@@ -236,3 +238,17 @@ def test_nonfinite_loss_is_never_saved_by_a_rolling_checkpoint(w, tmp_path):
     ok, ck = _finite(run_dir / "checkpoint-last.pth")
     assert ok and (ck["epoch"], ck["step"]) == (1, 1)
 
+
+
+@pytest.mark.parametrize("script", ["main_finetune.py", "main_pretrain.py"])
+def test_preflight_runs_real_steps_and_saves_nothing(tmp_path, script):
+    out = tmp_path / "run"
+    common = FT if script == "main_finetune.py" else PRE
+    r = forkrun.run(script, common + ["--epochs", "3", "--output_dir", out, "--preflight"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(line for line in r.stdout.splitlines() if line.startswith("preflight: "))
+    for words in (" s per step of 8 images", "peak memory", "MiB (process RSS)", "one epoch = 8 steps = about",
+                  "3 epochs about", "Nothing was saved."):
+        assert words in line, line
+    assert not list(out.glob("checkpoint-*.pth")) and not (out / "run.json").exists() \
+        and not (out / "log.txt").exists()

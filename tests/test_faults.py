@@ -68,7 +68,7 @@ def test_sigkill_at_20_moments_always_resumes_from_a_whole_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     args = FT + ["--epochs", "50", "--disable_eval", "True", "--save_ckpt_minutes", "0.00001",
                  "--save_ckpt_num", "2", "--output_dir", run_dir]
-    rng = random.Random(8)
+    rng = random.Random(1)  # 8 of the 20 kills halfway through a checkpoint write
     report, prev_reached, newest = [], None, None
     for trial in range(21):
         fifo = tmp_path / f"out{trial}"
@@ -96,7 +96,7 @@ def test_sigkill_at_20_moments_always_resumes_from_a_whole_checkpoint(tmp_path):
     report.pop()
     assert len(report) == 20 and all(r["lost"] <= 1 for r in report), report
     in_write = [r for r in report if r["kill"].startswith("in write")]
-    assert len(in_write) >= 5 and all(r["mid_write"] for r in in_write), report
+    assert len(in_write) == 8 and all(r["mid_write"] for r in in_write), report
     assert len(list(run_dir.glob(".checkpoint-*.tmp"))) <= 1  # killed writes are cleaned up
     print("\nSIGKILL trials (positions in steps; lost = steps since the newest whole checkpoint):")
     for r in report:
@@ -295,6 +295,17 @@ def test_corrupt_images_are_replaced_reported_and_counted(corrupt_data, tmp_path
     assert run_record(out)["bad_images"] == 3
     logged = (out / "bad_images.txt").read_text().splitlines()
     assert sorted({line.split("\t")[0] for line in logged}) == bad
+
+
+def test_pretraining_counts_corrupt_images_too(corrupt_data, tmp_path):
+    d, bad = corrupt_data
+    out = tmp_path / "run"
+    r = forkrun.run("main_pretrain.py", ["--model", "convnextv2_atto", "--data_set", "image_folder", "--data_path", d,
+                                         "--input_size", "64", "--batch_size", "4", "--num_workers", "0",
+                                         "--device", "cpu", "--epochs", "1", "--decoder_embed_dim", "64",
+                                         "--vis_freq", "0", "--output_dir", out], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_log(out)[0]["bad_images"] == 3 and run_record(out)["bad_images"] == 3
 
 
 @pytest.mark.parametrize("workers", [0, 1])
