@@ -14,17 +14,17 @@ epoch, asks the pruner, broadcasts the decision so every rank stops together, an
 the result (`TrialTask`). A trial is *owned* by whoever holds its lock file; a running trial
 whose lock nobody holds was left by a process that died, and the next driver resumes it as the
 same trial (its run resumes from its checkpoint).
+
+The search file: util/hpo_spec.py. One Slurm job per trial: util/hpo_slurm.py.
 """
 import copy
 import dataclasses
 import errno
 import fcntl
 import importlib
-import inspect
 import json
 import math
 import os
-import re
 import socket
 import sys
 import time
@@ -32,15 +32,9 @@ import traceback
 
 from util import distributed as du
 from util.errors import UserError, exit_on_user_error
+from util.hpo_spec import Param, SearchSpec, _check_bounds, load_spec, make_pruner, make_sampler  # noqa: F401 (API)
 
 MODULES = {"finetune": "main_finetune", "pretrain": "main_pretrain"}
-SPEC_KEYS = ("study_name", "trials", "seed", "metric", "direction", "sampler", "pruner", "search_space")
-REQUIRED = ("study_name", "trials", "metric", "direction", "search_space")
-PARAM_KEYS = {"int": {"type", "min", "max", "step", "log"}, "float": {"type", "min", "max", "step", "log"},
-              "categorical": {"type", "choices"}}
-# Flags a trial must not set: they pick where a run lives or how this launch behaves.
-NOT_SEARCHABLE = {"config", "optimize_config", "storage", "output_dir", "log_dir", "resume", "force",
-                  "eval", "preflight", "start_epoch", "runs_root", "device"}
 # A launch of a study names many runs; these flags name one.
 ONE_RUN_FLAGS = {"output_dir": "--output_dir names one run; a study makes many (they go under "
                                "--runs_root): leave it out",
@@ -50,302 +44,6 @@ ONE_RUN_FLAGS = {"output_dir": "--output_dir names one run; a study makes many (
                  "eval": "--eval only evaluates; a study trains: leave it out",
                  "preflight": "--preflight runs one step; run it without --optimize_config first"}
 STATES = ("COMPLETE", "PRUNED", "FAIL")
-
-
-def known_metrics(kind, args):
-    """Keys of the per-epoch log (log.txt) a study can optimize, for these settings."""
-    out = {"train_loss", "train_lr"}
-    if getattr(args, "clip_grad", None):
-        out.add("train_grad_norm")
-    if kind == "finetune" and not args.disable_eval:
-        out |= {"test_loss", "test_acc1", "test_acc5"}
-        if args.model_ema and args.model_ema_eval:
-            out |= {"test_loss_ema", "test_acc1_ema", "test_acc5_ema"}
-    return out
-
-
-# ---------------------------------------------------------------- the search file
-
-@dataclasses.dataclass
-class Param:
-    flag: str
-    type: str
-    low: float = None
-    high: float = None
-    step: float = None
-    log: bool = False
-    choices: list = None
-    values: dict = None  # categorical: choice -> the flag's value (through the flag's own type)
-
-    def distribution(self):
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-        if self.type == "int":
-            return IntDistribution(self.low, self.high, log=self.log, step=self.step or 1)
-        if self.type == "float":
-            return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
-        return CategoricalDistribution(self.choices)
-
-    def value(self, v):
-        """The flag's value for a sampled one."""
-        if self.type == "categorical":
-            return self.values[_choice_key(v)]
-        return int(v) if self.type == "int" else float(v)
-
-
-def _choice_key(v):
-    return (type(v).__name__, v)
-
-
-@dataclasses.dataclass
-class SearchSpec:
-    path: str
-    study_name: str
-    trials: int
-    metric: str
-    direction: str
-    params: dict
-    seed: int = None
-    sampler: tuple = ("TPESampler", {})
-    pruner: tuple = ("MedianPruner", {})
-
-    def distributions(self):
-        return {flag: p.distribution() for flag, p in self.params.items()}
-
-    def better(self, a, b):
-        return a > b if self.direction == "maximize" else a < b
-
-
-def _number(v, where, integer=False):
-    """YAML reads `1e-3` (no dot) as text: take numbers written either way."""
-    if isinstance(v, bool):
-        raise UserError(f"{where}: expects a number, got {v!r}")
-    if integer:
-        if isinstance(v, int):
-            return v
-        if isinstance(v, float) and v.is_integer():
-            return int(v)
-        raise UserError(f"{where}: expects a whole number, got {v!r}")
-    try:
-        out = float(v)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: expects a number, got {v!r}") from None
-    if not math.isfinite(out):
-        raise UserError(f"{where}: expects a finite number, got {v!r}")
-    return out
-
-
-def _class_spec(value, where, default):
-    """`sampler:` / `pruner:` as {name, kwargs} (or just the name)."""
-    if value is None:
-        return default
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, dict):
-        raise UserError(f"{where}: write {{name: ClassName, kwargs: {{...}}}}, got {value!r}")
-    unknown = sorted(set(value) - {"name", "kwargs"})
-    if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r} (keys: name, kwargs)")
-    name, kwargs = value.get("name"), value.get("kwargs") or {}
-    if not isinstance(name, str) or not name:
-        raise UserError(f"{where}: name must be an Optuna class name, e.g. {default[0]}")
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise UserError(f"{where}.kwargs: must be a mapping of argument names to values")
-    return name, dict(kwargs)
-
-
-def _optuna_class(module, base, name, where):
-    cls = getattr(module, name, None)
-    if not (inspect.isclass(cls) and issubclass(cls, base)):
-        names = sorted(n for n in dir(module) if inspect.isclass(getattr(module, n))
-                       and issubclass(getattr(module, n), base) and not n.startswith("Base"))
-        raise UserError(f"{where}: unknown {module.__name__} class {name!r}; choose one of {', '.join(names)}")
-    return cls
-
-
-# Samplers that draw afresh from their seed and the study's history at each trial: seeded with
-# seed + trial number, a trial's draw does not depend on which worker makes it and two workers
-# never draw alike. The others (GridSampler's shuffled grid, QMCSampler's sequence, ...) need
-# one seed for the whole study.
-RESEEDED_PER_TRIAL = ("TPESampler", "RandomSampler")
-
-
-def make_sampler(spec, trial_number=0):
-    """The spec's sampler; `seed` goes to it unless its kwargs name one (see RESEEDED_PER_TRIAL)."""
-    import optuna
-    name, kwargs = spec.sampler
-    cls = _optuna_class(optuna.samplers, optuna.samplers.BaseSampler, name, f"{spec.path}: sampler")
-    kwargs = dict(kwargs)
-    accepts = inspect.signature(cls).parameters
-    if spec.seed is not None and "seed" in accepts and "seed" not in kwargs:
-        kwargs["seed"] = spec.seed + (trial_number if name in RESEEDED_PER_TRIAL else 0)
-    if name == "GridSampler" and "search_space" not in kwargs:
-        kwargs["search_space"] = _grid(spec)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{spec.path}: sampler {name}: {e}") from None
-
-
-def _grid(spec):
-    grid = {}
-    for flag, p in spec.params.items():
-        if p.type == "categorical":
-            grid[flag] = list(p.choices)
-        elif p.type == "int" and not p.log:
-            grid[flag] = list(range(int(p.low), int(p.high) + 1, int(p.step or 1)))
-        elif p.type == "float" and p.step and not p.log:
-            n = int(round((p.high - p.low) / p.step))
-            grid[flag] = [p.low + i * p.step for i in range(n + 1)]
-        else:
-            raise UserError(f"{spec.path}: GridSampler needs a finite grid: give search_space.{flag} "
-                            "choices or a step (or sampler kwargs search_space)")
-    return grid
-
-
-def make_pruner(spec):
-    import optuna
-    name, kwargs = spec.pruner
-    cls = _optuna_class(optuna.pruners, optuna.pruners.BasePruner, name, f"{spec.path}: pruner")
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{spec.path}: pruner {name}: {e}") from None
-
-
-def _dest_actions(parser):
-    from util.config import _dest_actions as dest_actions
-    return dest_actions(parser)
-
-
-def _parse_param(path, flag, raw, actions):
-    from util.config import _convert
-    where = f"{path}: search_space.{flag}"
-    if not isinstance(raw, dict):
-        raise UserError(f"{where}: write {{type: int|float|categorical, ...}}, got {raw!r}")
-    kind = raw.get("type")
-    if kind not in PARAM_KEYS:
-        raise UserError(f"{where}: type must be int, float or categorical, got {kind!r}")
-    unknown = sorted(set(raw) - PARAM_KEYS[kind])
-    if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r} for type {kind} "
-                        f"(keys: {', '.join(sorted(PARAM_KEYS[kind]))})")
-    acts = actions[flag]
-    action = next((a for a in acts if a.nargs != 0), acts[0])
-    if action.nargs not in (None, "?"):
-        raise UserError(f"{where}: --{flag} takes several values; only single-valued flags can be searched")
-    flag_type = action.type
-    if kind == "categorical":
-        choices = raw.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise UserError(f"{where}: choices must be a non-empty list")
-        values = {}
-        for c in choices:
-            if not (c is None or isinstance(c, (bool, int, float, str))):
-                raise UserError(f"{where}: choice {c!r} is not a single value")
-            if _choice_key(c) in values:
-                raise UserError(f"{where}: choice {c!r} is given twice")
-            values[_choice_key(c)] = _convert(action, c, f"{where} choice {c!r}")
-        return Param(flag, kind, choices=list(choices), values=values)
-    if flag_type not in (int, float) or action.choices is not None:
-        raise UserError(f"{where}: --{flag} is not a number flag; use type: categorical with choices")
-    if (flag_type is int) != (kind == "int"):
-        raise UserError(f"{where}: --{flag} takes {'a whole number' if flag_type is int else 'a float'}; "
-                        f"use type: {flag_type.__name__}")
-    for key in ("min", "max"):
-        if key not in raw:
-            raise UserError(f"{where}: {key} is missing")
-    integer = kind == "int"
-    low = _number(raw["min"], f"{where}.min", integer)
-    high = _number(raw["max"], f"{where}.max", integer)
-    step = None if raw.get("step") is None else _number(raw["step"], f"{where}.step", integer)
-    log = raw.get("log", False)
-    if not isinstance(log, bool):
-        raise UserError(f"{where}.log: expects true or false, got {log!r}")
-    if low > high:
-        raise UserError(f"{where}: min {low} is above max {high}")
-    if step is not None and step <= 0:
-        raise UserError(f"{where}.step: must be > 0, got {step}")
-    if log and low <= 0:
-        raise UserError(f"{where}: log: true needs min > 0, got {low}")
-    if log and step is not None and not (integer and step == 1):
-        raise UserError(f"{where}: log and step cannot be used together")
-    return Param(flag, kind, low=low, high=high, step=step, log=log)
-
-
-def load_spec(path, parser, kind, args):
-    """Read and check the whole search file (and the flags it searches) before any trial:
-    every mistake is a one-line UserError. `_check_bounds` then asks the script itself."""
-    from util.config import load_yaml
-    from util.runs import OUTCOME_EXCLUDED
-    data = load_yaml(path)
-    unknown = sorted(set(data) - set(SPEC_KEYS))
-    if unknown:
-        import difflib
-        close = difflib.get_close_matches(str(unknown[0]), SPEC_KEYS, n=1)
-        hint = f"did you mean {close[0]}?" if close else f"keys: {', '.join(SPEC_KEYS)}"
-        raise UserError(f"{path}: unknown key {unknown[0]!r} ({hint})")
-    missing = [k for k in REQUIRED if k not in data]
-    if missing:
-        raise UserError(f"{path}: {missing[0]} is missing (needed: {', '.join(REQUIRED)})")
-    name = data["study_name"]
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise UserError(f"{path}: study_name must be a folder name (letters, digits, . _ -), got {name!r}")
-    trials = _number(data["trials"], f"{path}: trials", integer=True)
-    if trials < 1:
-        raise UserError(f"{path}: trials must be >= 1, got {trials}")
-    seed = data.get("seed")
-    if seed is not None:
-        seed = _number(seed, f"{path}: seed", integer=True)
-    direction = data["direction"]
-    if direction not in ("maximize", "minimize"):
-        raise UserError(f"{path}: direction must be maximize or minimize, got {direction!r}")
-    metric = data["metric"]
-    known = known_metrics(kind, args)
-    if metric not in known:
-        why = " (evaluation is off: --disable_eval)" if kind == "finetune" and args.disable_eval \
-            and isinstance(metric, str) and metric.startswith("test_") else ""
-        raise UserError(f"{path}: metric {metric!r} is not in the per-epoch log{why}; "
-                        f"choose one of {', '.join(sorted(known))}")
-    space = data["search_space"]
-    if not isinstance(space, dict) or not space:
-        raise UserError(f"{path}: search_space must map flag names to {{type, ...}}")
-    actions = _dest_actions(parser)
-    params = {}
-    for key, raw in space.items():
-        flag = key.replace("-", "_") if isinstance(key, str) else key
-        if flag not in actions or flag in ("help",):
-            import difflib
-            close = difflib.get_close_matches(str(flag), list(actions), n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else "see --help for the flags"
-            raise UserError(f"{path}: search_space: {key!r} is not a flag of this script ({hint})")
-        if flag in NOT_SEARCHABLE or flag in OUTCOME_EXCLUDED:
-            raise UserError(f"{path}: search_space: {flag} does not change what a run computes "
-                            "(it is not part of the run signature); search flags that do")
-        params[flag] = _parse_param(path, flag, raw, actions)
-    if "blr" in params and getattr(args, "lr", None) is not None:
-        raise UserError(f"{path}: search_space.blr has no effect while --lr {args.lr} is set; drop --lr")
-    spec = SearchSpec(path=path, study_name=name, trials=trials, metric=metric, direction=direction,
-                      params=params, seed=seed,
-                      sampler=_class_spec(data.get("sampler"), f"{path}: sampler", ("TPESampler", {})),
-                      pruner=_class_spec(data.get("pruner"), f"{path}: pruner", ("MedianPruner", {})))
-    make_sampler(spec)
-    make_pruner(spec)
-    if (metric.endswith("loss") and direction == "maximize") or ("acc" in metric and direction == "minimize"):
-        print(f"warning: {path}: direction {direction} for metric {metric}: is that what you mean?")
-    return spec
-
-
-def _check_bounds(spec, args, validate_args):
-    """The script's own checks on each end of each range (and each choice)."""
-    for flag, p in spec.params.items():
-        ends = [p.value(c) for c in p.choices] if p.type == "categorical" else [p.value(p.low), p.value(p.high)]
-        for v in ends:
-            trial = copy.copy(args)
-            setattr(trial, flag, v)
-            try:
-                validate_args(trial)
-            except UserError as e:
-                raise UserError(f"{spec.path}: search_space.{flag} = {v!r} is refused by the script: {e}") from None
 
 
 # ---------------------------------------------------------------- study, storage, locks
@@ -496,6 +194,10 @@ class Pruned(Exception):
     run_status = "pruned"
 
 
+class MetricMissing(UserError):
+    """The epoch log lacks the study's metric: every trial would fail alike, so the study stops."""
+
+
 @dataclasses.dataclass
 class Outcome:
     number: int
@@ -553,8 +255,8 @@ class Reporter:
         decision = self._decide(epoch, log) if self.trial is not None else None
         decision = du.broadcast_object(decision)
         if decision and decision[0] == "missing":
-            raise UserError(f"metric {self.spec.metric} is not in the epoch log (it has: {decision[1]}); "
-                            f"fix metric in {self.spec.path}")
+            raise MetricMissing(f"metric {self.spec.metric} is not in the epoch log (it has: {decision[1]}); "
+                                f"fix metric in {self.spec.path}")
         if decision:
             raise Pruned(decision[1])
 
@@ -667,8 +369,8 @@ class TrialTask:
             outcome.state, outcome.run_dir, outcome.reused = "COMPLETE", done.run_dir, True
         except UserError as e:
             outcome.reason, outcome.run_dir = str(e), targs.output_dir or None
-            if self.stop_on_setup_error and not targs.output_dir:  # before its run opened: the launch's
-                # own flags cannot run at all
+            # before its run opened, the launch's own flags cannot run at all: stop the study
+            if isinstance(e, MetricMissing) or (self.stop_on_setup_error and not targs.output_dir):
                 self._tell(trial, outcome)
                 raise UserError(f"trial {outcome.number}: {e}") from None
         except Exception as e:  # a failed trial keeps its run (status failed) and the study goes on
@@ -855,136 +557,7 @@ def optimize(args, kind):
     return 0
 
 
-# ---------------------------------------------------------------- Slurm: one job per trial
-
-class TrialJobTrainer:
-    """What runs in every task of a trial's Slurm job (util/slurm.Trainer for a TrialTask): the
-    job's rank 0 reports, prunes and tells itself. On USR2 (time limit, preemption) the run saves
-    its state and submitit requeues this same object: the job resumes the same trial."""
-
-    def __init__(self, task):
-        self.task = task
-
-    def __call__(self):
-        import submitit
-        from util import slurm
-        env = slurm._job_environment()
-        if env is not None and env.num_tasks > 1:
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
-                                                                  overwrite=True)
-        with slurm._SignalLog() as log:
-            outcome = self.task()
-        if outcome.state == "preempted" and env is not None and env.cluster != "debug":
-            slurm.Trainer._after_stop(env, log.received)
-        return outcome
-
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-        return submitit.helpers.DelayedSubmission(TrialJobTrainer(self.task))
-
-
-def _wait_for_job(cluster, job_id, job=None, poll_s=2.0):
-    """Block until the job is over (requeues included); its last state."""
-    from util import slurm
-    if cluster == "slurm":
-        unknown = 0
-        while True:
-            state = slurm.slurm_state(job_id)
-            unknown = unknown + 1 if state is None else 0
-            if state in slurm.FINAL_STATES or unknown > 30:
-                return state or "UNKNOWN"
-            time.sleep(poll_s)
-    if job is not None:  # local / debug: submitit waits for the processes (or runs it now)
-        try:
-            job.results()
-            return "COMPLETED"
-        except Exception:
-            return "FAILED"
-    while slurm._pid_alive(job_id):  # a local job that another driver started
-        time.sleep(poll_s)
-    return "UNKNOWN"
-
-
-def slurm_launcher(kind, args, margs, spec, sdir, poll_s=2.0):
-    """Launcher factory for run_study: each trial a job (`args`: the launcher's flags, `margs`:
-    the main script's)."""
-    from optuna.trial import TrialState
-    from util import runs, slurm
-    world = args.nodes * args.ngpus
-
-    def make(study):
-        storage = study._storage  # share the open journal with the tasks' handles
-
-        def launch(job):
-            prefix = f"[study {spec.study_name}] trial {job.number}"
-            if job.same_as:  # a running trial has these values: its run is ours; wait for it here
-                wait_for_twins(study, sdir, job.same_as)
-                job = dataclasses.replace(job, same_as=[])
-            task = TrialTask(kind, margs, spec, job, sdir, margs.storage, stop_on_setup_error=False)
-            while True:
-                targs = trial_args(margs, spec, job.params)
-                try:
-                    run_dir, folder = slurm.resolve_run(targs, args, kind, world)
-                except runs.RunCompleted as done:  # these settings ran to the end before: reuse
-                    value, epoch = best_value(spec, done.run_dir)
-                    ok = value is not None
-                    return task.tell(Outcome(job.number, "COMPLETE" if ok else "FAIL", value, epoch, done.run_dir,
-                                             None if ok else f"no finite {spec.metric} in its log", reused=True),
-                                     storage)
-                task.run_dir = run_dir
-                busy = slurm.active_job(run_dir)
-                if not busy:
-                    break
-                # A job is already on this run: this trial's own, submitted by a driver that has
-                # stopped since (the job reports and tells), or another study's.
-                print(f"{prefix}: its run is already job {busy[0]} ({busy[1]}); waiting for it", flush=True)
-                _wait_for_job(args.cluster, busy[0], None, poll_s)
-                frozen = study.get_trials(deepcopy=False)[job.number]
-                if frozen.state != TrialState.RUNNING:
-                    return _outcome(frozen, run_dir)
-            executor = slurm.make_executor(args, folder, f"{kind}-{spec.study_name}-trial{job.number}")
-            handle = executor.submit(TrialJobTrainer(task))
-            job_id = str(handle.job_id)
-            from util.atomic import atomic_write_json
-            os.makedirs(os.path.dirname(slurm._job_record_path(run_dir)), exist_ok=True)
-            atomic_write_json(slurm._job_record_path(run_dir), {
-                "cluster": args.cluster, "job_id": job_id, "job_folder": str(handle.paths.folder),
-                "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "study": spec.study_name,
-                "trial": job.number, "nodes": args.nodes, "tasks_per_node": args.ngpus})
-            print(f"{prefix} submitted as job {job_id}: {_fmt_params(job.params)}; run {run_dir}", flush=True)
-            state = _wait_for_job(args.cluster, job_id, handle, poll_s)
-            frozen = study.get_trials(deepcopy=False)[job.number]
-            if frozen.state == TrialState.RUNNING:  # the job ended without telling: it failed
-                why = slurm._error_line(handle, run_dir)
-                return task.tell(Outcome(job.number, "FAIL", run_dir=run_dir,
-                                         reason=f"job {job_id} ended {state}: {why}"), storage)
-            print(f"{prefix} {frozen.state.name} (job {job_id})", flush=True)
-            return _outcome(frozen, run_dir)
-        return launch
-    return make
-
-
-def _outcome(frozen, run_dir):
-    return Outcome(frozen.number, frozen.state.name, frozen.value, frozen.user_attrs.get("best_epoch"),
-                   frozen.user_attrs.get("run_dir", run_dir), frozen.user_attrs.get("reason"),
-                   bool(frozen.user_attrs.get("reused")))
-
-
 def optimize_slurm(kind, args, margs):
-    """`submitit_<kind>.py --optimize_config FILE [--parallel K]`: each trial a Slurm job (K at
-    once); this process drives the study until it is done. Returns the exit code."""
-    if args.parallel < 1:
-        raise UserError(f"--parallel {args.parallel} must be >= 1")
-    if args.job_dir:
-        raise UserError("--job_dir names one run; a study makes many (they go under --runs_root): leave it out")
-    spec = prepare(margs, kind)
-    sdir = os.path.abspath(study_dir(margs, spec))
-    if args.dry_run:
-        print(f"study {spec.study_name} in {sdir}: {spec.trials} trials, {args.parallel} at a time, each a "
-              f"job of {args.nodes} node(s) x {args.ngpus} task(s); {spec.direction} {spec.metric} over "
-              f"{', '.join(spec.params)}; nothing submitted")
-        return 0
-    study, _ = run_study(margs, kind, spec, slurm_launcher(kind, args, margs, spec, sdir),
-                         parallel=args.parallel, sdir=sdir)
-    summarize(study, spec, sdir)
-    return 0
+    """`submitit_<kind>.py --optimize_config`: see util/hpo_slurm.py (it imports this module)."""
+    from util.hpo_slurm import optimize_slurm as run
+    return run(kind, args, margs)
