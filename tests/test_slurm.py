@@ -4,6 +4,8 @@ resume at the saved step with the weights of a run never stopped, --dry_run, ref
 CPU, gloo, the built-in dataset, tiny settings."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -28,8 +30,9 @@ SHORT = TINY + ["--synthetic_train_samples", "128", "--epochs", "1"]
 PRETRAIN = ["--model", "convnextv2_atto", "--data_set", "synthetic", "--input_size", "64",
             "--synthetic_train_samples", "64", "--batch_size", "16", "--num_workers", "0", "--epochs", "1",
             "--warmup_epochs", "0", "--device", "cpu"]
-# long enough to be stopped mid-epoch: 2 epochs of 40 steps
-LONG = TINY + ["--synthetic_train_samples", "640", "--epochs", "2"]
+# long enough to be stopped twice mid-epoch: 3 epochs of 40 steps
+EPOCHS, STEPS = 3, 40
+LONG = TINY + ["--synthetic_train_samples", str(STEPS * 16), "--epochs", str(EPOCHS)]
 
 
 def env():
@@ -37,11 +40,6 @@ def env():
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
     return e
-
-
-def launch(args, cwd, timeout=300):
-    return subprocess.run([sys.executable, LAUNCHER, *args], env=env(), cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def record(run_dir):
@@ -61,22 +59,38 @@ def job_log(run_dir, task=0, ext="out"):
     return open(path).read() if os.path.exists(path) else ""
 
 
-def wait_for_log(run_dir, text, timeout=120):
-    """Block until rank 0 of the run's job has printed `text`; return the log."""
+def wait_for_log(run_dir, text, until=None, timeout=120):
+    """Block until rank 0 of the run's job has printed `text` (and `until(log)` holds); return
+    the log."""
     end = time.time() + timeout
     while time.time() < end:
         if os.path.exists(os.path.join(run_dir, "slurm", "job.json")):
             log = job_log(run_dir)
-            if text in log:
+            if text in log and (until is None or until(log)):
                 return log
         time.sleep(0.1)
     raise AssertionError(f"the job never printed {text!r}:\n{job_log(run_dir)[-3000:]}")
 
 
-def last_step(log, epoch=0):
-    steps = [int(line.split("[")[1].split("/")[0]) for line in log.splitlines()
-             if line.startswith(f"train epoch {epoch} [")]
-    return max(steps) if steps else 0
+def position(log):
+    """The furthest step a log shows, counted from the start of the run (epoch * STEPS + step)."""
+    found = re.findall(r"^train epoch (\d+) \[(\d+)/", log, re.M)
+    return max((int(e) * STEPS + int(s) for e, s in found), default=0)
+
+
+def at(restart):
+    return restart["start_epoch"] * STEPS + restart["start_step"]
+
+
+def resumed_at(log):
+    """Where the last 'resumed from ...: epoch E step S' line of a log says training went on."""
+    e, s = re.findall(r"^resumed from .*: epoch (\d+) step (\d+)$", log, re.M)[-1]
+    return int(e) * STEPS + int(s)
+
+
+def since_resume(log):
+    """The furthest step the log shows after its last resume."""
+    return position(log.rsplit("resumed from", 1)[-1])
 
 
 def weights(path):
@@ -114,18 +128,22 @@ class Reference:
         self.proc = subprocess.Popen(
             [sys.executable, LAUNCHER, "--cluster", "local", "--nodes", "1", "--ngpus", "1",
              "--gpus_per_node", "0", "--timeout", "10", *LONG, "--output_dir", str(out), "--wait"],
-            env=env(), cwd=str(out.parent), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            env=env(), cwd=str(out.parent), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)  # its own process group: the local job's processes are in it
 
     def weights_file(self):
         if self.proc.returncode is None:
             out, err = self.proc.communicate(timeout=300)
             assert self.proc.returncode == 0, out[-2000:] + err[-3000:]
-        return self.out / "checkpoint-1.pth"
+        return self.out / f"checkpoint-{EPOCHS - 1}.pth"
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        """Ends the launcher and the job processes it started (a test that failed midway)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
 
 def run_inprocess(argv, capsys, script="submitit_finetune"):
@@ -226,25 +244,27 @@ def test_failing_job_shows_its_error(tmp_path, capsys, one_thread):
 
 def test_preempted_and_requeued_run_resumes_exactly(tmp_path, capsys):
     """A job of the higher-priority partition `urgent` that needs every CPU preempts the run
-    in epoch 0 (USR2: save at the step boundary, submitit requeues); later `scontrol requeue`
-    (SIGTERM only: save, Slurm requeues) stops it in epoch 1. Each time it resumes at the saved
-    step, losing at most the step in flight, and it ends with the weights of a run that never
-    stopped."""
+    mid-epoch (USR2: save at the step boundary, submitit requeues); later `scontrol requeue`
+    (SIGTERM only: save, Slurm requeues) stops the resumed run. Each time it resumes at the
+    saved step, losing at most the step in flight, and it ends with the weights of a run that
+    never stopped."""
     reference = Reference(tmp_path / "reference")
     run_dir = tmp_path / "run"
     args = ["--nodes", "1", "--ngpus", "1", *SLURM, *LONG, "--output_dir", str(run_dir)]
     waiter = subprocess.Popen([sys.executable, LAUNCHER, *args, "--wait"], env=env(), cwd=str(tmp_path),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_log(run_dir, "train epoch 0 [5/")
-        # a second submission of the running run is refused with its job id
-        code, out, err = run_inprocess(args, capsys)
-        assert code == 2 and f"as job {job_id(run_dir)}" in err, err
+        wait_for_log(run_dir, "train epoch 0 [3/")
         urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N", "2", "--ntasks-per-node", "2",
                                  "--comment", TAG, "-o", str(tmp_path / "urgent.out"), "--wrap", "echo urgent ran"],
                                 capture_output=True, text=True, check=True).stdout.strip()
-        wait_for_log(run_dir, "train epoch 1 [5/", timeout=180)
-        before_term = last_step(job_log(run_dir), epoch=1)
+        # a second submission of the run, queued or running (or being requeued), is refused
+        code, out, err = run_inprocess(args, capsys)
+        assert code == 2 and f"as job {job_id(run_dir)}" in err, err
+        resumed = resumed_at(wait_for_log(run_dir, "resumed from", timeout=180))
+        # let the resumed run take 5 more steps, then requeue it from outside
+        log = wait_for_log(run_dir, "", until=lambda log: since_resume(log) >= resumed + 5, timeout=120)
+        before_term = since_resume(log)
         subprocess.run(["scontrol", "requeue", job_id(run_dir)], check=True, capture_output=True)
         out, err = waiter.communicate(timeout=240)
         ref_weights = reference.weights_file()
@@ -266,11 +286,12 @@ def test_preempted_and_requeued_run_resumes_exactly(tmp_path, capsys):
     attempt1, rest = log.split("received SIGUSR2", 1)
     attempt2, attempt3 = rest.split("received SIGTERM", 1)
     assert "Requeued job" in log + job_log(run_dir, ext="err")  # submitit's requeue after USR2
-    # preempted mid-epoch 0: resumed after every step the first attempt logged
-    assert after_usr2["start_epoch"] == 0 and 5 <= last_step(attempt1) <= after_usr2["start_step"] < 40
-    assert f"resumed from {run_dir}/checkpoint-last.pth: epoch 0 step {after_usr2['start_step']}" in attempt2
-    # scontrol requeue mid-epoch 1: every step finished before the signal is kept
-    assert after_term["start_epoch"] == 1 and 5 <= before_term <= after_term["start_step"] < 40
-    assert last_step(attempt2, epoch=1) <= after_term["start_step"]
-    assert f"epoch 1 step {after_term['start_step']}" in attempt3
-    assert_same_weights(ref_weights, run_dir / "checkpoint-1.pth")
+    # preempted mid-epoch, resumed after every step the first attempt logged
+    assert 0 < after_usr2["start_step"] <= STEPS and after_usr2["start_epoch"] < EPOCHS - 1, after_usr2
+    assert 3 <= position(attempt1) <= at(after_usr2) == resumed
+    assert f"resumed from {run_dir}/checkpoint-last.pth: epoch {after_usr2['start_epoch']} " \
+           f"step {after_usr2['start_step']}" in attempt2
+    # scontrol requeue: every step finished before the signal is kept
+    assert before_term <= position(attempt2) <= at(after_term) and 0 < after_term["start_step"] <= STEPS
+    assert resumed_at(attempt3) == at(after_term)
+    assert_same_weights(ref_weights, run_dir / f"checkpoint-{EPOCHS - 1}.pth")

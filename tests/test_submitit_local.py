@@ -28,9 +28,19 @@ def env():
     return e
 
 
-def launch(args, cwd):
-    return subprocess.run([sys.executable, LAUNCHER, *args], env=env(), cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+def launch(args, cwd, timeout=300):
+    """The launcher in its own process group, so that nothing it started outlives a timeout."""
+    p = subprocess.Popen([sys.executable, LAUNCHER, *args], env=env(), cwd=cwd, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # the local job's processes, if any are left
+        except ProcessLookupError:
+            pass
+        p.wait()
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def parse(*argv):
