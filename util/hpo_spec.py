@@ -52,7 +52,8 @@ class Param:
         """The flag's value for a sampled one."""
         if self.type == "categorical":
             return self.values[_choice_key(v)]
-        return int(v) if self.type == "int" else float(v)
+        # 12 significant digits: a stepped float such as 0.4 + 2 * 0.1 is the 0.6 a user would type
+        return int(v) if self.type == "int" else float(f"{float(v):.12g}")
 
 
 def _choice_key(v):
