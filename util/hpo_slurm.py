@@ -127,6 +127,8 @@ def optimize_slurm(kind, args, margs):
     once); this process drives the study until it is done. Returns the exit code."""
     if args.parallel < 1:
         raise UserError(f"--parallel {args.parallel} must be >= 1")
+    if args.cluster == "debug" and args.parallel > 1:
+        raise UserError("--cluster debug runs each trial inside this process: use --parallel 1")
     if args.job_dir:
         raise UserError("--job_dir names one run; a study makes many (they go under --runs_root): leave it out")
     spec = prepare(margs, kind)
