@@ -49,6 +49,7 @@ OUTCOME_EXCLUDED = frozenset({
     # resuming and run management
     "resume", "auto_resume", "force", "config", "start_epoch",
     "eval",  # evaluate-only launches make no run of their own
+    "nb_classes",  # set from the dataset, which its own flags (data_set, data_path, ...) name
     "optimize_config", "storage", "dry_run", "preflight",  # storage: where a search keeps its study
     # Slurm
     "nodes", "ngpus", "timeout", "partition", "use_volta32", "comment", "account", "qos",
