@@ -208,3 +208,32 @@ def test_signal_log_sees_signals_whoever_handles_them():
         assert seen == [-signal.SIGUSR2] and signal.SIGUSR2 in log.received
     finally:
         signal.signal(signal.SIGUSR2, old)
+
+
+def test_partition_limits_from_what_slurm_says(monkeypatch):
+    """check_partition on a made-up cluster (what `scontrol show partition -o` and sinfo give)."""
+    fake = {"gpu": {"PartitionName": "gpu", "Default": "YES", "TotalNodes": "16", "MaxNodes": "8",
+                    "MaxTime": "3-00:00:00"},
+            "cpu": {"PartitionName": "cpu", "Default": "NO", "TotalNodes": "4", "MaxNodes": "UNLIMITED",
+                    "MaxTime": "UNLIMITED"}}
+    monkeypatch.setattr(sl, "partitions", lambda: fake)
+    monkeypatch.setattr(sl, "_node_resources", lambda name: (96, 512000, True) if name == "gpu" else (32, 64000, False))
+
+    def problem(*argv):
+        try:
+            sl.check_partition(parse(*argv))
+        except sl.UserError as e:
+            return str(e)
+        return None
+
+    assert problem("--nodes", "8", "--ngpus", "8") is None  # the default partition, 4320 min
+    assert "allows at most 8 node(s)" in problem("--nodes", "9")
+    assert "MaxTime 3-00:00:00 (4320 min)" in problem("--nodes", "1", "--timeout", "4321")
+    assert "have 96" in problem("--nodes", "1", "--ngpus", "10")
+    assert "has no GPUs" in problem("--partition", "cpu", "--nodes", "1", "--ngpus", "2")
+    assert problem("--partition", "cpu", "--nodes", "1", "--ngpus", "2", "--gpus_per_node", "0",
+                   "--cpus_per_task", "16", "--mem_gb", "60") is None
+    assert "64000 MB" in problem("--partition", "cpu", "--nodes", "1", "--ngpus", "1", "--gpus_per_node", "0",
+                                 "--mem_gb", "63")
+    assert problem("--partition", "cpu,gpu", "--nodes", "6", "--ngpus", "1") is None  # fits gpu
+    assert "unknown partition 'big'" in problem("--partition", "gpu,big")

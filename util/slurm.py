@@ -220,47 +220,55 @@ def _node_resources(partition):
 
 
 def check_partition(args):
-    """Refuse what the partition cannot give (nodes, time, CPUs or GPUs per node) before queueing.
-    Returns the partition's name (the default one when --partition is empty), or None when
-    Slurm cannot be asked (then sbatch decides)."""
+    """Refuse what the partition cannot give (nodes, time, CPUs, memory or GPUs per node) before
+    queueing. `--partition a,b` (Slurm's "any of these") passes when one of them fits. Returns
+    the partition names checked, or None when Slurm cannot be asked (then sbatch decides)."""
     parts = partitions()
     if parts is None:
         return None
     if args.partition:
-        if args.partition not in parts:
-            raise UserError(f"unknown partition {args.partition!r}; this cluster has: {', '.join(sorted(parts))}")
-        name = args.partition
+        names = [n.strip() for n in args.partition.split(",") if n.strip()]
+        unknown = [n for n in names if n not in parts]
+        if unknown:
+            raise UserError(f"unknown partition {unknown[0]!r}; this cluster has: {', '.join(sorted(parts))}")
     else:
-        defaults = [n for n, f in parts.items() if f.get("Default") == "YES"]
-        if not defaults:
+        names = [n for n, f in parts.items() if f.get("Default") == "YES"][:1]
+        if not names:
             raise UserError(f"this cluster has no default partition; pass --partition "
                             f"({', '.join(sorted(parts))})")
-        name = defaults[0]
-    info = parts[name]
+    problems = [_partition_problem(args, name, parts[name]) for name in names]
+    if all(problems):
+        raise UserError(problems[0])
+    return names
+
+
+def _partition_problem(args, name, info):
+    """Why the request does not fit partition `name`, or None."""
     total = int(info.get("TotalNodes", "0") or 0)
     max_nodes = info.get("MaxNodes", "UNLIMITED")
     limit = total if max_nodes in ("UNLIMITED", "") else min(total, int(max_nodes))
     if total and args.nodes > limit:
-        raise UserError(f"--nodes {args.nodes}: partition {name} allows at most {limit} node(s) per job")
+        return f"--nodes {args.nodes}: partition {name} allows at most {limit} node(s) per job"
     max_time = parse_minutes(info.get("MaxTime"))
     if max_time is not None and args.timeout > max_time:
-        raise UserError(f"--timeout {args.timeout} min is above partition {name}'s MaxTime "
-                        f"{info.get('MaxTime')} ({max_time:g} min); ask for less time")
+        return (f"--timeout {args.timeout} min is above partition {name}'s MaxTime "
+                f"{info.get('MaxTime')} ({max_time:g} min); ask for less time")
     res = _node_resources(name)
-    if res is not None:
-        cpus, mem_mb, has_gpus = res
-        need = args.ngpus * args.cpus_per_task
-        if cpus and need > cpus:
-            raise UserError(f"{args.ngpus} task(s) per node x --cpus_per_task {args.cpus_per_task} = {need} "
-                            f"CPUs per node, but the nodes of partition {name} have {cpus}; lower them")
-        mem_gb = mem_gb_per_node(args)
-        if mem_mb and mem_gb * 1024 > mem_mb:
-            raise UserError(f"--mem_gb {mem_gb:g} per node, but the nodes of partition {name} have "
-                            f"{mem_mb} MB; pass a smaller --mem_gb")
-        if gpus_per_node(args) > 0 and not has_gpus:
-            raise UserError(f"partition {name} has no GPUs: pass --gpus_per_node 0 (then --ngpus is "
-                            "the number of processes per node)")
-    return name
+    if res is None:
+        return None
+    cpus, mem_mb, has_gpus = res
+    if gpus_per_node(args) > 0 and not has_gpus:
+        return (f"partition {name} has no GPUs: pass --gpus_per_node 0 (then --ngpus is "
+                "the number of processes per node)")
+    need = args.ngpus * args.cpus_per_task
+    if cpus and need > cpus:
+        return (f"{args.ngpus} task(s) per node x --cpus_per_task {args.cpus_per_task} = {need} "
+                f"CPUs per node, but the nodes of partition {name} have {cpus}; lower them")
+    mem_gb = mem_gb_per_node(args)
+    if mem_mb and mem_gb * 1024 > mem_mb:
+        return (f"--mem_gb {mem_gb:g} per node, but the nodes of partition {name} have "
+                f"{mem_mb} MB; pass a smaller --mem_gb")
+    return None
 
 
 # ---------------------------------------------------------------- where the run lives
