@@ -36,7 +36,9 @@ mkdir -p "$D"/{etc,state,log,run}
 # ---------------------------------------------------------------- packages
 pkgs=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 missing=()
-for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+# `dpkg -s` also succeeds for a removed package whose config files remain: ask for its status
+installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+for p in "${pkgs[@]}"; do installed "$p" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   command -v apt-get >/dev/null || die "missing packages ${missing[*]} and no apt-get to install them"
   say "installing ${missing[*]}"
