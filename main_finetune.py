@@ -136,6 +136,8 @@ def main(args, epoch_callback=None, record_extra=None):
     on every rank (the hyperparameter search reports and prunes there); `record_extra`: more
     fields for run.json (the search's study and trial)."""
     validate_args(args)
+    from util.speed import tune_allocator
+    tune_allocator()  # CPU: keep activation buffers in the heap (2x faster steps here)
     info = du.init_distributed(args)
     device, world = info.device, info.world_size
     from util.run_context import (TrainingState, make_loop, open_run, resume_point, run_epochs,

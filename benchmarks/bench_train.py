@@ -119,7 +119,7 @@ def build_contenders(a):
 def bench_engines(a):
     import builtins
     from util.speed import tune_allocator
-    tuned = tune_allocator(not a.no_malloc_tuning)
+    tuned = tune_allocator(True) if not a.no_malloc_tuning else False
     t0 = time.perf_counter()
     contenders, device = build_contenders(a)
     quiet = builtins.print
