@@ -120,16 +120,6 @@ def finetune_state_dict(args, ckpt):
     return sd
 
 
-def maybe_compile(model, enabled):
-    if not enabled:
-        return model
-    try:
-        return torch.compile(model)
-    except Exception as e:  # an environment without a working compiler: train eagerly
-        print(f"warning: torch.compile is not available here ({type(e).__name__}: {e}); running eagerly")
-        return model
-
-
 @exit_on_user_error
 def main(args, epoch_callback=None, record_extra=None):
     """Train (or with --eval only evaluate). `epoch_callback(epoch, log)` runs after each epoch
@@ -140,8 +130,8 @@ def main(args, epoch_callback=None, record_extra=None):
     tune_allocator()  # CPU: keep activation buffers in the heap (2x faster steps here)
     info = du.init_distributed(args)
     device, world = info.device, info.world_size
-    from util.run_context import (TrainingState, make_loop, open_run, resume_point, run_epochs,
-                                  seed_everything)
+    from util.run_context import (TrainingState, attach_bad_image_log, lr_schedule_for, make_loop, open_run,
+                                  place_model, resume_point, run_epochs, seed_everything)
     seed_everything(args.seed, info.rank)
     torch.backends.cudnn.benchmark = True
 
@@ -162,17 +152,13 @@ def main(args, epoch_callback=None, record_extra=None):
     from util.optim import cosine_schedule, create_optimizer, resolve_lr
     eff_batch = resolve_lr(args, world)
     run_dir, record = open_run(args, "finetune", world)
-    if hasattr(train_set, "bad_log"):
-        from util.data import BadImageLog
-        train_set.bad_log = BadImageLog(os.path.join(run_dir, "bad_images.txt"))
+    attach_bad_image_log(train_set, run_dir)
 
     model = build_model()
     extra = {}
     if args.finetune:
         extra = load_finetune_weights(args, model)
     model.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
     model_ema = None
     if args.model_ema:
         from timm.utils import ModelEmaV3
@@ -184,18 +170,11 @@ def main(args, epoch_callback=None, record_extra=None):
           f"global batch {eff_batch} ({args.batch_size} x {args.update_freq} x {world})")
     optimizer = create_optimizer(args, model_without_ddp)
     amp = Amp.create(args.use_amp, device)
-    if info.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_model = maybe_compile(model, args.compile)
+    model, train_model = place_model(model, args, info)
 
     train_loader = build_train_loader(train_set, args, world, info.rank)
     val_loader = build_eval_loader(val_set, args, world, info.rank) if val_set is not None else None
-    updates_per_epoch = len(train_loader) // args.update_freq
-    if updates_per_epoch < 1:
-        raise UserError("one epoch has fewer batches than --update_freq; lower --update_freq or --batch_size")
-    lr_schedule = cosine_schedule(args.lr, args.min_lr, args.epochs, updates_per_epoch,
-                                  args.warmup_epochs, args.warmup_steps)
+    updates_per_epoch, lr_schedule = lr_schedule_for(args, train_loader)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = cosine_schedule(args.weight_decay, wd_end, args.epochs, updates_per_epoch)
     mixup_fn = build_mixup(args, nb_classes)

@@ -3,13 +3,12 @@
 Same code path as fine-tuning: one CPU process, `torchrun`, or Slurm (submitit_pretrain.py).
 """
 import argparse
-import os
 
 import torch
 
 import util.distributed as du
 from engine_pretrain import reconstruction_grid, train_one_epoch
-from main_finetune import _bad_images, maybe_compile
+from main_finetune import _bad_images
 from util.common_args import add_common_args
 from util.config import add_config_args, parse_args, str2bool
 from util.errors import UserError, exit_on_user_error
@@ -62,7 +61,8 @@ def main(args, epoch_callback=None, record_extra=None):
     from models import create_fcmae
     info = du.init_distributed(args)
     device, world = info.device, info.world_size
-    from util.run_context import TrainingState, make_loop, open_run, resume_point, run_epochs, seed_everything
+    from util.run_context import (TrainingState, attach_bad_image_log, lr_schedule_for, make_loop, open_run,
+                                  place_model, resume_point, run_epochs, seed_everything)
     seed_everything(args.seed, info.rank)
     torch.backends.cudnn.benchmark = True
 
@@ -75,34 +75,23 @@ def main(args, epoch_callback=None, record_extra=None):
                             decoder_embed_dim=args.decoder_embed_dim, norm_pix_loss=args.norm_pix_loss,
                             img_size=args.input_size)
     check_inputs(args, train_set, world, build_model)
-    from util.optim import cosine_schedule, create_optimizer, resolve_lr
+    from util.optim import create_optimizer, resolve_lr
     eff_batch = resolve_lr(args, world)
     run_dir, record = open_run(args, "pretrain", world)
-    if hasattr(train_set, "bad_log"):
-        from util.data import BadImageLog
-        train_set.bad_log = BadImageLog(os.path.join(run_dir, "bad_images.txt"))
+    attach_bad_image_log(train_set, run_dir)
 
     model = build_model()
     model.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
     model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"FCMAE {args.model}: {n_parameters / 1e6:.2f}M parameters; lr {args.lr:.3e}, "
           f"global batch {eff_batch} ({args.batch_size} x {args.update_freq} x {world})")
     optimizer = create_optimizer(args, model_without_ddp, betas=(0.9, 0.95))
     amp = Amp.create(args.use_amp, device)
-    if info.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_model = maybe_compile(model, args.compile)
+    model, train_model = place_model(model, args, info)
 
     train_loader = build_train_loader(train_set, args, world, info.rank)
-    updates_per_epoch = len(train_loader) // args.update_freq
-    if updates_per_epoch < 1:
-        raise UserError("one epoch has fewer batches than --update_freq; lower --update_freq or --batch_size")
-    lr_schedule = cosine_schedule(args.lr, args.min_lr, args.epochs, updates_per_epoch,
-                                  args.warmup_epochs, args.warmup_steps)
+    updates_per_epoch, lr_schedule = lr_schedule_for(args, train_loader)
     tstate = TrainingState(args, model_without_ddp, optimizer, amp.scaler)
     tstate.extra["signature"] = record.signature
     resume_at = resume_point(args, tstate)

@@ -63,7 +63,7 @@ def build_contenders(a):
     import timm
     import engine_finetune
     import engine_pretrain
-    from main_finetune import maybe_compile
+    from util.speed import maybe_compile
     from models import create_fcmae, create_model
     from util.optim import create_optimizer
     from util.train_loop import Amp
@@ -152,7 +152,6 @@ def bench_engines(a):
 
 def bench_data(a):
     """JPEGs written here, decoded and augmented by our training transforms."""
-    from PIL import Image
     from torch.utils.data import DataLoader
     from main_finetune import get_args_parser
     from util.config import parse_args

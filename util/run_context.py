@@ -220,3 +220,35 @@ def run_epochs(args, run_dir, record, tstate, loop, train_loader, resume_at, tra
     record.finish("completed")
     print(f"training time {time.time() - t_start:.0f} s; best {tstate.best['name']} {tstate.best['value']}")
     return {"status": "completed", "best": tstate.best, "run_dir": run_dir}
+
+
+def place_model(model, args, info):
+    """Device, memory format, DDP and torch.compile. Returns (ddp_model, train_model): evaluate
+    with the first, train with the second (the compiled one when --compile)."""
+    import torch
+    from util.speed import maybe_compile
+    model.to(info.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    return model, maybe_compile(model, args.compile)
+
+
+def lr_schedule_for(args, train_loader):
+    """(updates per epoch, per-update lr values: linear warmup then cosine to --min_lr)."""
+    from util.errors import UserError
+    from util.optim import cosine_schedule
+    updates_per_epoch = len(train_loader) // args.update_freq
+    if updates_per_epoch < 1:
+        raise UserError("one epoch has fewer batches than --update_freq; lower --update_freq or --batch_size")
+    return updates_per_epoch, cosine_schedule(args.lr, args.min_lr, args.epochs, updates_per_epoch,
+                                              args.warmup_epochs, args.warmup_steps)
+
+
+def attach_bad_image_log(train_set, run_dir):
+    """Unreadable images of an ImageFolder are logged to <run_dir>/bad_images.txt."""
+    if hasattr(train_set, "bad_log"):
+        from util.data import BadImageLog
+        train_set.bad_log = BadImageLog(os.path.join(run_dir, "bad_images.txt"))
