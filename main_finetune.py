@@ -126,14 +126,10 @@ def main(args, epoch_callback=None, record_extra=None):
     on every rank (the hyperparameter search reports and prunes there); `record_extra`: more
     fields for run.json (the search's study and trial)."""
     validate_args(args)
-    from util.speed import tune_allocator
-    tune_allocator()  # CPU: keep activation buffers in the heap (2x faster steps here)
-    info = du.init_distributed(args)
-    device, world = info.device, info.world_size
     from util.run_context import (TrainingState, attach_bad_image_log, lr_schedule_for, make_loop, open_run,
-                                  place_model, resume_point, run_epochs, seed_everything)
-    seed_everything(args.seed, info.rank)
-    torch.backends.cudnn.benchmark = True
+                                  place_model, resume_point, run_epochs, start_process)
+    info = start_process(args)
+    device, world = info.device, info.world_size
 
     from util.data import build_dataset, build_eval_loader, build_train_loader, check_same_classes
     train_set, nb_classes = build_dataset(True, args)

@@ -56,15 +56,11 @@ def main(args, epoch_callback=None, record_extra=None):
     """Pretrain. `epoch_callback(epoch, log)` runs after each epoch on every rank (the
     hyperparameter search reports and prunes there); `record_extra`: more fields for run.json."""
     validate_args(args)
-    from util.speed import tune_allocator
-    tune_allocator()  # CPU: keep activation buffers in the heap (2x faster steps here)
     from models import create_fcmae
-    info = du.init_distributed(args)
-    device, world = info.device, info.world_size
     from util.run_context import (TrainingState, attach_bad_image_log, lr_schedule_for, make_loop, open_run,
-                                  place_model, resume_point, run_epochs, seed_everything)
-    seed_everything(args.seed, info.rank)
-    torch.backends.cudnn.benchmark = True
+                                  place_model, resume_point, run_epochs, start_process)
+    info = start_process(args)
+    device, world = info.device, info.world_size
 
     from util.data import build_dataset, build_pretrain_transform, build_train_loader, mean_std
     train_set, _ = build_dataset(True, args, transform=build_pretrain_transform(args))

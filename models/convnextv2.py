@@ -333,15 +333,20 @@ class ConvNeXtV2(nn.Module):
         return x
 
 
-def _builder(name):
+def variant_builder(cls, name, doc="{name}: depths {depths}, dims {dims}."):
+    """`name(**kwargs)` building `cls` with that variant's depths and dims (also used by FCMAE)."""
     depths, dims = VARIANTS[name]
 
     def build(**kwargs):
-        return ConvNeXtV2(depths=depths, dims=dims, **kwargs)
+        return cls(depths=depths, dims=dims, **kwargs)
 
     build.__name__ = name
-    build.__doc__ = f"{name}: depths {depths}, dims {dims}."
+    build.__doc__ = doc.format(name=name, depths=depths, dims=dims)
     return build
+
+
+def _builder(name):
+    return variant_builder(ConvNeXtV2, name)
 
 
 convnextv2_atto = _builder("convnextv2_atto")

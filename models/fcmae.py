@@ -7,7 +7,7 @@ the dense names under `encoder.`, so they load straight into `ConvNeXtV2` for fi
 import torch
 from torch import nn
 
-from models.convnextv2 import VARIANTS, Block, ConvNeXtV2, init_weights
+from models.convnextv2 import Block, ConvNeXtV2, init_weights, variant_builder
 from util.errors import UserError
 
 
@@ -125,14 +125,7 @@ class FCMAE(nn.Module):
 
 
 def _builder(name):
-    depths, dims = VARIANTS[name]
-
-    def build(**kwargs):
-        return FCMAE(depths=depths, dims=dims, **kwargs)
-
-    build.__name__ = name
-    build.__doc__ = f"FCMAE with a {name} encoder (depths {depths}, dims {dims})."
-    return build
+    return variant_builder(FCMAE, name, "FCMAE with a {name} encoder (depths {depths}, dims {dims}).")
 
 
 convnextv2_atto = _builder("convnextv2_atto")

@@ -13,6 +13,17 @@ from util.checkpoint import (find_resumable, load_checkpoint, plain_args, prune_
 from util.config import save_config
 
 
+def start_process(args):
+    """What every process does first: allocator tuning, the process group and device
+    (util/distributed.py), per-rank seeds, cudnn autotuning. Returns the DistInfo."""
+    from util.speed import tune_allocator
+    tune_allocator()  # CPU: keep activation buffers in the heap (2x faster steps here)
+    info = du.init_distributed(args)
+    seed_everything(args.seed, info.rank)
+    torch.backends.cudnn.benchmark = True
+    return info
+
+
 def seed_everything(seed, rank):
     seed = seed + rank
     torch.manual_seed(seed)
