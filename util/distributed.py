@@ -135,12 +135,6 @@ def all_gather_object(obj):
     return out
 
 
-def all_reduce_sum(t):
-    if is_dist():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 _keep_group = False
 
 

@@ -98,9 +98,3 @@ def resolve_lr(args, world_size):
     if args.lr is None:
         args.lr = args.blr * eff / 256
     return eff
-
-
-def check_finite(loss_value, epoch, step):
-    if not math.isfinite(loss_value):
-        raise UserError(f"loss is {loss_value} at epoch {epoch} step {step}; lower --lr/--blr, set "
-                        "--clip_grad, or check the data; the last good checkpoint is untouched")
