@@ -24,6 +24,7 @@ def evaluate(data_loader, model, device, amp=None, reduce=True, channels_last=Fa
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    n_local = 0  # counted on the host: no device read per batch
     for images, target in data_loader:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         images = images.to(device, non_blocking=True, memory_format=fmt)
@@ -35,8 +36,10 @@ def evaluate(data_loader, model, device, amp=None, reduce=True, channels_last=Fa
         k = min(5, output.shape[1])
         top = output.topk(k, dim=1).indices
         hit = top.eq(target[:, None])
-        sums += torch.stack([criterion(output, target).double(), hit[:, :1].sum().double(),
-                             hit.sum().double(), torch.tensor(float(len(target)), device=device).double()])
+        sums[:3] += torch.stack([criterion(output, target).double(), hit[:, :1].sum().double(),
+                                 hit.sum().double()])
+        n_local += len(target)
+    sums[3] = n_local
     if reduce and dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     loss, c1, c5, n = sums.tolist()

@@ -166,6 +166,15 @@ def test_mistake_is_one_line_and_loses_nothing(w, tmp_path, name, script, flags,
     assert not os.path.exists(w["marker"]), "a checkpoint or config ran code"
 
 
+def test_mistake_leaves_no_new_run_folder(w, tmp_path):
+    """A mistake found after the output folder was checked (here: the batch does not fit the
+    data) leaves no empty run folder behind, nor the parents made for it."""
+    out = tmp_path / "new" / "run"
+    r = forkrun.run("main_finetune.py", FT + ["--output_dir", str(out), "--batch_size", "100"], tmp_path)
+    one_line(r, "fewer than one global batch")
+    assert not (tmp_path / "new").exists()
+
+
 def test_unknown_model_names_each_match_once(w, tmp_path):
     r = forkrun.run("main_finetune.py", FT + ["--model", "convnextv2_tinny"], tmp_path)
     line = one_line(r, "did you mean")

@@ -181,6 +181,18 @@ def test_dry_run_shows_nodes_tasks_and_time(tmp_path, capsys):
     assert our_jobs() == []
 
 
+def test_dry_run_on_cpu_nodes_asks_no_gpus_and_leaves_nothing(tmp_path, capsys):
+    """Without --gpus_per_node, a partition without GPUs gets no GPU request; a dry run into the
+    default run tree creates no folder."""
+    flags = [f for f in SLURM if f not in ("--gpus_per_node", "0")]
+    code, out, err = run_inprocess(["--nodes", "1", "--ngpus", "2", *flags, *SHORT,
+                                    "--runs_root", str(tmp_path / "runs"), "--dry_run"], capsys)
+    assert code == 0, err
+    assert "has no GPUs: requesting none; --ngpus 2 is the number of processes per node" in out
+    assert "#SBATCH --ntasks-per-node=2" in out and "gpus" not in out.split("#SBATCH", 1)[1]
+    assert not (tmp_path / "runs").exists() and our_jobs() == []
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--partition", "nosuch", "--nodes", "1"], "unknown partition 'nosuch'"),
     (["--nodes", "3"], "--nodes 3: partition debug allows at most 2 node(s)"),

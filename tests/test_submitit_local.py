@@ -230,7 +230,11 @@ def test_partition_limits_from_what_slurm_says(monkeypatch):
     assert "allows at most 8 node(s)" in problem("--nodes", "9")
     assert "MaxTime 3-00:00:00 (4320 min)" in problem("--nodes", "1", "--timeout", "4321")
     assert "have 96" in problem("--nodes", "1", "--ngpus", "10")
-    assert "has no GPUs" in problem("--partition", "cpu", "--nodes", "1", "--ngpus", "2")
+    assert "has no GPUs" in problem("--partition", "cpu", "--nodes", "1", "--ngpus", "2", "--gpus_per_node", "2")
+    cpu_default = parse("--partition", "cpu", "--nodes", "1", "--ngpus", "2", "--mem_gb", "60")
+    sl.check_partition(cpu_default)  # no --gpus_per_node on a CPU partition: ask for none
+    assert sl.gpus_per_node(cpu_default) == 0
+    assert "gpus_per_node" not in sl.slurm_parameters(cpu_default, "x")
     assert problem("--partition", "cpu", "--nodes", "1", "--ngpus", "2", "--gpus_per_node", "0",
                    "--cpus_per_task", "16", "--mem_gb", "60") is None
     assert "64000 MB" in problem("--partition", "cpu", "--nodes", "1", "--ngpus", "1", "--gpus_per_node", "0",

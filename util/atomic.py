@@ -69,3 +69,22 @@ def atomic_torch_save(obj, path):
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def missing_dirs(path):
+    """The folders of `path` (itself and its parents) that do not exist yet, deepest first:
+    what `os.makedirs(path)` would create, so that `remove_empty_dirs` can undo it."""
+    missing, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    return missing
+
+
+def remove_empty_dirs(dirs):
+    """rmdir each folder (deepest first) that is still empty; leave the others alone."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass

@@ -26,7 +26,7 @@ import time
 
 import submitit
 
-from util.atomic import atomic_write_json
+from util.atomic import atomic_write_json, missing_dirs, remove_empty_dirs
 from util.config import parse_args, str2bool
 from util.errors import UserError, exit_on_user_error
 
@@ -221,7 +221,7 @@ def _node_resources(partition):
 
 def check_partition(args):
     """Refuse what the partition cannot give (nodes, time, CPUs, memory or GPUs per node) before
-    queueing. `--partition a,b` (Slurm's "any of these") passes when one of them fits. Returns
+    queueing. Without --gpus_per_node, a partition whose nodes have no GPUs gets no GPU request. `--partition a,b` (Slurm's "any of these") passes when one of them fits. Returns
     the partition names checked, or None when Slurm cannot be asked (then sbatch decides)."""
     parts = partitions()
     if parts is None:
@@ -236,6 +236,12 @@ def check_partition(args):
         if not names:
             raise UserError(f"this cluster has no default partition; pass --partition "
                             f"({', '.join(sorted(parts))})")
+    if args.gpus_per_node < 0:  # not given: CPU-only partitions get no GPU request
+        resources = [_node_resources(name) for name in names]
+        if all(r is not None and not r[2] for r in resources):
+            args.gpus_per_node = 0
+            print(f"note: partition {','.join(names)} has no GPUs: requesting none; --ngpus "
+                  f"{args.ngpus} is the number of processes per node")
     problems = [_partition_problem(args, name, parts[name]) for name in names]
     if all(problems):
         raise UserError(problems[0])
@@ -625,17 +631,9 @@ def launcher_parser(module):
     return add_slurm_args(parser)
 
 
-def _remove_if_empty(path, had_content):
-    """Undo prepare_run_dir's mkdir when nothing was submitted."""
-    if not had_content:
-        try:
-            os.rmdir(path)
-        except OSError:
-            pass
-
-
-def submit(executor, trainer, run_dir, had_content):
-    """executor.submit, with sbatch's refusal as one line (and its leftovers removed)."""
+def submit(executor, trainer, run_dir, undo_dirs=()):
+    """executor.submit, with sbatch's refusal as one line (and its leftovers removed: its files
+    and the folders in `undo_dirs`, deepest first, that are empty again)."""
     import contextlib
     import io
     from submitit.core.utils import FailedJobError, FailedSubmissionError
@@ -650,9 +648,7 @@ def submit(executor, trainer, run_dir, had_content):
             path = os.path.join(folder, name)
             if os.path.isfile(path):
                 os.remove(path)
-        if not before:
-            _remove_if_empty(folder, False)
-        _remove_if_empty(run_dir, had_content)
+        remove_empty_dirs(([] if before else [folder]) + list(undo_dirs))
         msg = " ".join((str(e) or said.getvalue()).split())
         raise UserError(f"sbatch refused the job: {msg[-400:]}") from None
     sys.stderr.write(said.getvalue())
@@ -680,12 +676,14 @@ def launch(kind, module_name, argv=None):
         from util.hpo import optimize_slurm
         return optimize_slurm(kind, args, margs)
 
+    new_dirs = missing_dirs(margs.output_dir or args.job_dir or
+                            os.path.join(getattr(margs, "runs_root", None) or runs.DEFAULT_ROOT, kind))
     try:
         run_dir, folder = resolve_run(margs, args, kind, world)
     except runs.RunCompleted as done:
         print(str(done))
         return 0
-    had_content = bool(os.listdir(run_dir))
+    undo_dirs = ([] if os.listdir(run_dir) else [run_dir]) + new_dirs  # what to remove if nothing is submitted
     busy = active_job(run_dir)
     if busy:
         how = "pass --force to start a fresh run beside it" if not (args.output_dir or args.job_dir) \
@@ -701,10 +699,10 @@ def launch(kind, module_name, argv=None):
             print(batch_script(make_executor(args, folder, name, preview=True)))
         else:
             print(f"--cluster {args.cluster}: no batch script; {args.ngpus} process(es) on this machine")
-        _remove_if_empty(run_dir, had_content)
+        remove_empty_dirs(undo_dirs)
         return 0
 
-    job = submit(make_executor(args, folder, name), Trainer(module_name, kind, margs), run_dir, had_content)
+    job = submit(make_executor(args, folder, name), Trainer(module_name, kind, margs), run_dir, undo_dirs)
     os.makedirs(os.path.dirname(_job_record_path(run_dir)), exist_ok=True)
     atomic_write_json(_job_record_path(run_dir), {
         "cluster": args.cluster, "job_id": str(job.job_id), "job_folder": str(job.paths.folder),

@@ -12,6 +12,7 @@ import os
 import tempfile
 import warnings
 
+from util.atomic import missing_dirs, remove_empty_dirs
 from util.errors import UserError
 
 
@@ -110,7 +111,9 @@ def _readable_file(path, flag):
 
 def check_writable(folder, flag):
     """Create `folder` (as the run would) and write a probe file in it: permissions, a file in
-    the way or a read-only file system show up now, not at the first checkpoint."""
+    the way or a read-only file system show up now, not at the first checkpoint. Folders made
+    for the probe are removed again; the run makes them once it really starts."""
+    created = missing_dirs(folder)
     try:
         os.makedirs(folder, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
@@ -119,6 +122,8 @@ def check_writable(folder, flag):
     except OSError as e:
         raise UserError(f"{flag} {folder} is not a writable directory ({e.strerror or e}); "
                         "choose another one") from None
+    finally:  # a run that fails a later check leaves no empty folders behind
+        remove_empty_dirs(created)
 
 
 def check_inputs(args, train_set, world_size, model_fn):
