@@ -8,11 +8,11 @@ loads as data. `check_inputs(args, train_set, world_size, model_fn)`: needs the 
 the launch's world size): the batch fits the dataset, and a checkpoint to resume or fine-tune
 from fits the model, checked on a shape-only (meta device) copy of it.
 """
+import errno
 import os
 import tempfile
 import warnings
 
-from util.atomic import missing_dirs, remove_empty_dirs
 from util.errors import UserError
 
 
@@ -110,20 +110,22 @@ def _readable_file(path, flag):
 
 
 def check_writable(folder, flag):
-    """Create `folder` (as the run would) and write a probe file in it: permissions, a file in
-    the way or a read-only file system show up now, not at the first checkpoint. Folders made
-    for the probe are removed again; the run makes them once it really starts."""
-    created = missing_dirs(folder)
+    """Probe the folder, or where it would be created (its nearest existing parent), with a
+    temporary file: permissions, a file in the way or a read-only file system show up now, not
+    at the first checkpoint. Creates no folder, so a refused run leaves nothing behind and
+    processes starting side by side (search workers) cannot race on it."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is not a folder")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
         raise UserError(f"{flag} {folder} is not a writable directory ({e.strerror or e}); "
                         "choose another one") from None
-    finally:  # a run that fails a later check leaves no empty folders behind
-        remove_empty_dirs(created)
 
 
 def check_inputs(args, train_set, world_size, model_fn):
