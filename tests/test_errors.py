@@ -145,6 +145,10 @@ ROWS = [
     ("pretrain_batch_larger_than_dataset", "main_pretrain.py", ["--batch_size", "100"], "fewer than one global batch"),
     ("unwritable_output_dir", "main_finetune.py", ["--output_dir", "{d}/a_file/run"],
      "--output_dir {d}/a_file/run is not a writable directory"),
+    ("output_dir_holds_another_run", "main_finetune.py", ["--model", "convnextv2_femto"],
+     "--output_dir {base} holds a run with other settings (model 'convnextv2_atto' -> 'convnextv2_femto')"),
+    ("output_dir_holds_a_finetune_run", "main_pretrain.py", [], "--output_dir {base} holds a finetune run"),
+    ("force_with_output_dir", "main_finetune.py", ["--force"], "with --output_dir, give a new folder"),
     ("eval_without_weights", "main_finetune.py", ["--eval", "True"], "--eval True needs --resume or --finetune"),
     ("cuda_without_cuda", "main_finetune.py", ["--device", "cuda"], "asked for CUDA but none is available"),
 ]
@@ -173,6 +177,13 @@ def test_mistake_leaves_no_new_run_folder(w, tmp_path):
     r = forkrun.run("main_finetune.py", FT + ["--output_dir", str(out), "--batch_size", "100"], tmp_path)
     one_line(r, "fewer than one global batch")
     assert not (tmp_path / "new").exists()
+
+
+def test_completed_run_in_output_dir_is_reported_not_redone(w, tmp_path):
+    before = snapshot(w["base"])
+    r = forkrun.run("main_finetune.py", FT + ["--output_dir", str(w["base"])], tmp_path)
+    assert r.returncode == 0 and f"run already completed: {w['base']}" in r.stdout, r.stderr[-3000:]
+    assert snapshot(w["base"]) == before
 
 
 def test_unknown_model_names_each_match_once(w, tmp_path):
@@ -220,11 +231,21 @@ def _finite(path):
     return all(torch.isfinite(v).all() for v in sd["model"].values() if v.is_floating_point()), sd
 
 
+def _checkpoints_of_base(w, tmp_path):
+    """The base run's checkpoints and log in a folder without its config.yaml and run.json (a
+    folder that holds a run of other settings is refused), so a launch with a far too high lr
+    auto-resumes from its epoch 0."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(w["base"], run_dir)
+    (run_dir / "config.yaml").unlink()
+    (run_dir / "run.json").unlink()
+    return run_dir
+
+
 def test_nonfinite_loss_names_the_step_and_keeps_checkpoints(w, tmp_path):
     """A far too high lr: the run resumed from epoch 0's checkpoint stops at the first
     non-finite loss with the epoch and step, and leaves every checkpoint as it was."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(w["base"], run_dir)
+    run_dir = _checkpoints_of_base(w, tmp_path)
     before = snapshot(run_dir)
     r = forkrun.run("main_finetune.py", FT + ["--output_dir", run_dir, "--epochs", "2", "--lr", "1e30"], tmp_path)
     one_line(r, "loss is not finite at epoch 1 step 1;")
@@ -239,8 +260,7 @@ def test_nonfinite_loss_names_the_step_and_keeps_checkpoints(w, tmp_path):
 def test_nonfinite_loss_is_never_saved_by_a_rolling_checkpoint(w, tmp_path):
     """Rolling checkpoints every step, log lines rarely: the step after the loss went
     non-finite is not saved; checkpoint-last.pth holds the last finite state."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(w["base"], run_dir)
+    run_dir = _checkpoints_of_base(w, tmp_path)
     r = forkrun.run("main_finetune.py", FT + ["--output_dir", run_dir, "--epochs", "2", "--lr", "1e30",
                                              "--save_ckpt_minutes", "0.00001", "--print_freq", "100"], tmp_path)
     one_line(r, "loss is not finite at epoch 1 step 1;")
@@ -259,5 +279,11 @@ def test_preflight_runs_real_steps_and_saves_nothing(tmp_path, script):
     for words in (" s per step of 8 images", "peak memory", "MiB (process RSS)", "one epoch = 8 steps = about",
                   "3 epochs about", "Nothing was saved."):
         assert words in line, line
-    assert not list(out.glob("checkpoint-*.pth")) and not (out / "run.json").exists() \
-        and not (out / "log.txt").exists()
+    assert not out.exists()  # no run folder, no config.yaml, no checkpoint
+
+
+def test_preflight_of_a_completed_run_runs_and_changes_nothing(w, tmp_path):
+    before = snapshot(w["base"])
+    r = forkrun.run("main_finetune.py", FT + ["--output_dir", w["base"], "--preflight"], tmp_path)
+    assert r.returncode == 0 and "Nothing was saved." in r.stdout, r.stderr[-3000:]
+    assert snapshot(w["base"]) == before

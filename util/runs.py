@@ -27,7 +27,7 @@ from util.atomic import atomic_write_json
 from util.config import RUNTIME_ATTRS, flag_dests
 from util.errors import UserError, exit_on_user_error
 
-SIGNATURE_VERSION = 1  # bump when the signature's meaning changes; every run then gets a new one
+SIGNATURE_VERSION = 2  # bump when the signature's meaning changes; every run then gets a new one
 KINDS = ("finetune", "pretrain")
 STATUSES = ("running", "completed", "failed", "preempted", "pruned")  # pruned: stopped by a search
 DEFAULT_ROOT = "runs"
@@ -51,6 +51,9 @@ OUTCOME_EXCLUDED = frozenset({
     "eval",  # evaluate-only launches make no run of their own
     "nb_classes",  # set from the dataset, which its own flags (data_set, data_path, ...) name
     "optimize_config", "storage", "dry_run", "preflight",  # storage: where a search keeps its study
+    # what to watch and when to give up: a run that completes computes the same either way, and
+    # relaunching a stopped run with a higher limit must find (and resume) the same run
+    "vis_freq", "max_bad_images", "skip_nonfinite",
     # Slurm
     "nodes", "ngpus", "timeout", "partition", "use_volta32", "comment", "account", "qos",
     "constraint", "mem_gb", "cpus_per_task",
@@ -144,7 +147,8 @@ def prepare_run_dir(args, kind, world_size):
     """The directory this run uses (created); pure given the filesystem, so call it on rank 0
     and broadcast the answer (a --force on every rank would race for the next suffix).
 
-    - `args.output_dir` set: that directory, as is.
+    - `args.output_dir` set: that directory, as is; refused when it holds a run of other
+      settings (check_holds_this_run); RunCompleted when its run completed.
     - else `<runs_root>/<kind>/<model>-<sig10>`, or its newest --force sibling `-rN`;
       raises RunCompleted when that one completed (not for `--eval`: evaluating is fine).
     - `args.force`: a fresh sibling after the newest (`-r2`, `-r3`, ...). The caller must point
@@ -154,6 +158,13 @@ def prepare_run_dir(args, kind, world_size):
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     explicit = getattr(args, "output_dir", None)
     if explicit:
+        if getattr(args, "force", False):
+            raise UserError(f"--force starts a fresh run beside the one its settings name; with "
+                            f"--output_dir, give a new folder instead of {explicit}")
+        record = check_holds_this_run(explicit, args, world_size, kind)
+        if record.get("status") == "completed" and not getattr(args, "eval", False):
+            raise RunCompleted(f"run already completed: {explicit} ({_best_text(record)}); "
+                               "give another --output_dir to train again", run_dir=explicit, record=record)
         os.makedirs(explicit, exist_ok=True)
         return str(explicit)
     root = getattr(args, "runs_root", None) or DEFAULT_ROOT
@@ -171,6 +182,32 @@ def prepare_run_dir(args, kind, world_size):
                                run_dir=path, record=record)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def check_holds_this_run(path, args, world_size, kind):
+    """A given --output_dir that already holds a run must hold this one: a launch with other
+    settings would resume from that run's checkpoints and overwrite them. Settings are compared
+    by value with the folder's config.yaml (not by signature), so a run made by older code,
+    before a flag was added, is still continued. Returns the folder's run.json (or {})."""
+    if getattr(args, "eval", False) or not os.path.isdir(path):
+        return {}  # evaluating writes only eval.json
+    record = RunRecord.load(path) or {}
+    if record.get("kind") not in (None, kind):
+        raise UserError(f"--output_dir {path} holds a {record['kind']} run; choose another --output_dir")
+    config = os.path.join(path, CONFIG)
+    if not os.path.isfile(config):
+        return record
+    from util.config import load_yaml
+    old = settings(argparse.Namespace(**load_yaml(config)), record.get("world_size") or world_size)
+    new = settings(args, world_size)
+    changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
+    if changed:
+        shown = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise UserError(f"--output_dir {path} holds a run with other settings ({shown}{more}); "
+                        f"continue it with --config {config}, or give a new --output_dir (add "
+                        f"--resume {os.path.join(path, 'checkpoint-last.pth')} to start from its weights)")
+    return record
 
 
 # ---------------------------------------------------------------- run record

@@ -293,12 +293,6 @@ def resolve_run(margs, args, kind, world_size):
             raise UserError("--job_dir with %j would give every submission its own run directory; "
                             "drop the %j (requeues and resubmissions must find the same run)")
         margs.output_dir = args.job_dir
-    if margs.output_dir and not getattr(margs, "force", False):
-        record = runs.RunRecord.load(margs.output_dir) if os.path.isdir(margs.output_dir) else None
-        if record and record.get("status") == "completed":
-            raise runs.RunCompleted(f"run already completed: {os.path.abspath(margs.output_dir)}; "
-                                    "nothing to do (give another --output_dir to train again)",
-                                    run_dir=margs.output_dir)
     run_dir = os.path.abspath(runs.prepare_run_dir(margs, kind=kind, world_size=world_size))
     margs.output_dir = run_dir
     if job_dir_is_logs:
