@@ -148,7 +148,7 @@ def main(args, epoch_callback=None, record_extra=None):
     from util.optim import cosine_schedule, create_optimizer, resolve_lr
     eff_batch = resolve_lr(args, world)
     run_dir, record = open_run(args, "finetune", world)
-    attach_bad_image_log(train_set, run_dir)
+    attach_bad_image_log(train_set, run_dir, val_set)
 
     model = build_model()
     extra = {}
@@ -183,6 +183,7 @@ def main(args, epoch_callback=None, record_extra=None):
 
     if args.eval:
         stats = evaluate(val_loader, model, device, amp, reduce=args.dist_eval, channels_last=args.channels_last)
+        stats.update(_bad_images(train_set, args, val_set))
         print(f"Accuracy of the network on the {stats['n']} test images: {stats['acc1']:.2f}%")
         if du.is_main_process():
             from util.atomic import atomic_write_json
@@ -202,7 +203,7 @@ def main(args, epoch_callback=None, record_extra=None):
     loop = make_loop(args, run_dir, record, tstate, amp, updates_per_epoch, lr_schedule, wd_schedule,
                      info.rank, world, resume_at, model_ema)
     if hasattr(train_set, "bad_log"):  # stop at the log line after too many unreadable images
-        loop.checks = lambda: _bad_images(train_set, args)
+        loop.checks = lambda: _bad_images(train_set, args, val_set)
     record.start(resumed=resume_at[2] is not None, start_epoch=resume_at[0], start_step=resume_at[1],
                  n_parameters=n_parameters, **{**extra, **(record_extra or {})})
 
@@ -225,25 +226,28 @@ def main(args, epoch_callback=None, record_extra=None):
     result = run_epochs(args, run_dir, record, tstate, loop, train_loader, resume_at, train_fn, eval_fn,
                         best_name=best_name, epoch_callback=epoch_callback,
                         epoch_extra=lambda: {"n_parameters": n_parameters,
-                                             "bad_images": _bad_images(train_set, args)})
+                                             **_bad_images(train_set, args, val_set)})
     du.cleanup()
     return result
 
 
-def _bad_images(train_set, args):
-    """How many distinct unreadable images the run met (the highest count of any rank, so all
-    ranks stop together); more than --max_bad_images stops the run with the list. Called at
-    each log line and at the end of each epoch."""
+def _bad_images(train_set, args, val_set=None):
+    """{"bad_images": distinct unreadable images met (train and val), "bad_val_images": of which
+    validation (with a validation set)}, the highest counts of any rank, so all ranks stop
+    together; more than --max_bad_images stops the run with the list. Called at each log line
+    and at the end of each epoch (after evaluation)."""
     log = getattr(train_set, "bad_log", None)
     if log is None:
-        return 0
-    paths = sorted({e.split("\t")[0] for e in log.entries()})  # each epoch meets a bad file again
-    count = max(du.all_gather_object(len(paths)))
+        return {"bad_images": 0}
+    found = log.found()  # (split, path) pairs: each epoch meets a bad file again
+    n_val = sum(split == "val" for split, _ in found)
+    count, n_val = (max(c) for c in zip(*du.all_gather_object((len(found), n_val))))
     if count > args.max_bad_images:
+        paths = [p + (" (validation)" if split == "val" else "") for split, p in found]
         more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
         raise UserError(f"{count} unreadable images (more than --max_bad_images {args.max_bad_images}): "
                         f"{', '.join(paths[:5])}{more}; full list in {log.path}; fix or remove them")
-    return count
+    return {"bad_images": count, **({"bad_val_images": n_val} if hasattr(val_set, "bad_log") else {})}
 
 
 if __name__ == "__main__":

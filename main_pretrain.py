@@ -124,7 +124,7 @@ def main(args, epoch_callback=None, record_extra=None):
     result = run_epochs(args, run_dir, record, tstate, loop, train_loader, resume_at, train_fn, eval_fn,
                         best_name="train_loss", lower_is_better=True, epoch_callback=epoch_callback,
                         epoch_extra=lambda: {"n_parameters": n_parameters,
-                                             "bad_images": _bad_images(train_set, args)})
+                                             **_bad_images(train_set, args)})
     du.cleanup()
     return result
 

@@ -110,6 +110,31 @@ def test_default_randaugment_survives_many_samples():
     assert np.asarray(black).max() == 0
 
 
+def _default_finetune_args():
+    from main_finetune import get_args_parser
+    return get_args_parser().parse_args([])
+
+
+def test_default_train_transform_pickles():
+    """DataLoader workers started with spawn or forkserver receive the transform pickled; the
+    posterize guard above must not make it a local closure."""
+    import pickle
+    args = _default_finetune_args()
+    t = pickle.loads(pickle.dumps(build_transform(True, args)))
+    assert t(SyntheticShapes("train", 1, 64).image(0)).shape == (3, args.input_size, args.input_size)
+
+
+@pytest.mark.slow
+def test_randaugment_in_spawned_workers():
+    """The default RandAugment in a worker process that never ran the patch itself (spawn)."""
+    args = make_args(aa="rand-m9-mstd0.5-inc1", input_size=32)
+    ds = SeededTransform(SyntheticShapes("train", 8, 32, transform=build_transform(True, args)))
+    loader = torch.utils.data.DataLoader(ds, sampler=TrainSampler(8, seed=0), batch_size=8, num_workers=1,
+                                         multiprocessing_context="spawn")
+    x, y = next(iter(loader))
+    assert x.shape == (8, 3, 32, 32)
+
+
 def _tree(root, classes, n=2, size=12):
     for c in classes:
         os.makedirs(root / c, exist_ok=True)
@@ -148,3 +173,39 @@ def test_class_mismatch_and_corrupt_image(tmp_path):
     x, y = tr[0]
     assert x.shape == (3, 32, 32)
     assert len(tr.bad_log.entries()) == 1 and "0.png" in tr.bad_log.entries()[0]
+    assert tr.bad_log.found() == [("train", str(tmp_path / "train" / "a" / "0.png"))]
+
+
+def test_bad_image_list_is_rechecked_at_launch(tmp_path):
+    """A relaunch counts only the listed images that are still unreadable; the old list is kept."""
+    from util.data import BadImageLog
+    _tree(tmp_path / "train", ["a"], n=4)
+    _tree(tmp_path / "val", ["a"], n=2)
+    img = {(s, i): str(tmp_path / s / "a" / f"{i}.png") for s in ("train", "val") for i in range(4)}
+    for key in [("train", 0), ("train", 1), ("train", 2), ("val", 0), ("val", 1)]:
+        with open(img[key], "wb") as f:
+            f.write(b"not a png")
+    listed = tmp_path / "bad_images.txt"
+    train, val = BadImageLog(str(listed), "train"), BadImageLog(str(listed), "val")
+    for epoch in range(2):  # each epoch meets them again
+        for key in [("train", 0), ("train", 1), ("train", 2)]:
+            train.add(img[key], OSError("bad\tfile\nhere"))
+    for key in [("val", 0), ("val", 1)]:
+        val.add(img[key], OSError("bad"))
+    with open(listed, "a") as f:  # a line from before the split column: train
+        f.write(f"{img['train', 3]}\tOSError: old\n")
+    assert len(train.entries()) == 9 and all(len(e.split("\t")) == 3 for e in train.entries()[:-1])
+    assert train.found() == sorted([("train", img["train", i]) for i in range(4)] + [("val", img["val", 0]),
+                                                                                      ("val", img["val", 1])])
+    before = listed.read_text()
+    _tree(tmp_path / "train", ["a"], n=1)  # fixed
+    os.remove(img["train", 1])  # removed
+    _tree(tmp_path / "val", ["a"], n=1)  # fixed
+    still = BadImageLog.recheck(str(listed))
+    assert still == [("train", img["train", 2]), ("val", img["val", 1])]  # train 3 was readable all along
+    assert (tmp_path / "bad_images.previous.txt").read_text() == before
+    assert train.found() == still and len(train.entries()) == 2
+    _tree(tmp_path / "train", ["a"], n=3)
+    _tree(tmp_path / "val", ["a"], n=2)
+    assert BadImageLog.recheck(str(listed)) == [] and not listed.exists()
+    assert BadImageLog.recheck(str(listed)) == []  # nothing listed: nothing to do

@@ -272,7 +272,7 @@ def corrupt_data(tmp_path_factory):
             for i in range(n):
                 Image.new("RGB", (40, 40), (i * 20, 100, 50 if c == "a" else 200)).save(d / split / c / f"{i}.jpg")
     bad = [d / "train" / "a" / "1.jpg", d / "train" / "b" / "4.jpg", d / "train" / "b" / "7.jpg"]
-    for p in bad:
+    for p in bad + [d / "val" / "b" / "2.jpg"]:  # and one validation image: bad_val_images
         p.write_bytes(os.urandom(300))
     return d, sorted(map(str, bad))
 
@@ -289,12 +289,15 @@ def test_corrupt_images_are_replaced_reported_and_counted(corrupt_data, tmp_path
     epochs = 2 if workers == 0 else 1
     r = forkrun.run("main_finetune.py", _image_args(d, out, workers) + ["--epochs", str(epochs)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    val_bad = str(d / "val" / "b" / "2.jpg")
     for p in bad:
         assert f"warning: unreadable image {p} (" in r.stderr
-    assert [e["bad_images"] for e in read_log(out)] == [3] * epochs  # distinct files, not sightings
-    assert run_record(out)["bad_images"] == 3
-    logged = (out / "bad_images.txt").read_text().splitlines()
-    assert sorted({line.split("\t")[0] for line in logged}) == bad
+    assert f"warning: unreadable image {val_bad} (" in r.stderr
+    # distinct files, not sightings; a replaced validation image counts too, and apart
+    assert [(e["bad_images"], e["bad_val_images"]) for e in read_log(out)] == [(4, 1)] * epochs
+    assert (run_record(out)["bad_images"], run_record(out)["bad_val_images"]) == (4, 1)
+    logged = [line.split("\t") for line in (out / "bad_images.txt").read_text().splitlines()]
+    assert sorted({(split, path) for split, path, _ in logged}) == [("train", p) for p in bad] + [("val", val_bad)]
 
 
 def test_pretraining_counts_corrupt_images_too(corrupt_data, tmp_path):
@@ -320,6 +323,44 @@ def test_too_many_corrupt_images_stop_with_the_list(corrupt_data, tmp_path, work
     assert errors[0] == (f"error: 3 unreadable images (more than --max_bad_images 1): {', '.join(bad)}; "
                          f"full list in {out}/bad_images.txt; fix or remove them"), errors[0]
     assert run_record(out)["status"] == "failed" and not (out / "checkpoint-0.pth").exists()
+
+
+def test_relaunch_after_fixing_bad_images_resumes(corrupt_data, tmp_path):
+    """The error's advice works: fix the images, run the same command, and the run goes on. Only
+    images still unreadable count (the list is re-checked at launch); validation images count."""
+    src, bad = corrupt_data
+    d = tmp_path / "data"
+    shutil.copytree(src, d)
+    out = tmp_path / "run"
+    cmd = _image_args(d, out, 0) + ["--epochs", "2", "--max_bad_images", "1", "--print_freq", "100"]
+
+    def launch():
+        r = forkrun.run("main_finetune.py", cmd, tmp_path)
+        errors = [line for line in r.stderr.strip().splitlines() if not line.startswith("warning: unreadable image")]
+        return r, errors
+
+    def fix(*paths):
+        for p in paths:
+            Image.new("RGB", (40, 40), (90, 100, 50)).save(p)
+
+    r, errors = launch()  # 3 bad training images: stops in epoch 0, before any checkpoint
+    assert r.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: 3 unreadable images"), r.stderr[-3000:]
+    fix(d / "train" / "a" / "1.jpg", d / "train" / "b" / "4.jpg")  # one still bad: within the limit
+    r, errors = launch()  # ... but with the bad validation image, 2: stops after epoch 0's checkpoint
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
+    assert errors[0] == (f"error: 2 unreadable images (more than --max_bad_images 1): {d}/train/b/7.jpg, "
+                         f"{d}/val/b/2.jpg (validation); full list in {out}/bad_images.txt; fix or remove them")
+    assert (out / "checkpoint-0.pth").exists() and run_record(out)["status"] == "failed"
+    previous = {tuple(line.split("\t")[:2]) for line in (out / "bad_images.previous.txt").read_text().splitlines()}
+    assert sorted(previous) == [("train", p.replace(str(src), str(d))) for p in bad]  # the first launch's list
+    fix(d / "val" / "b" / "2.jpg")
+    r, errors = launch()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {out}/checkpoint-0.pth: epoch 1 step 0" in r.stdout, r.stdout[-2000:]
+    assert run_record(out)["status"] == "completed"
+    assert [(e["epoch"], e["bad_images"], e["bad_val_images"]) for e in read_log(out)] == [(1, 1, 0)]
+    assert [line.split("\t")[:2] for line in (out / "bad_images.txt").read_text().splitlines()
+            ] == [["train", f"{d}/train/b/7.jpg"]] * 2  # re-checked at launch, met again in epoch 1
 
 
 # ---------------------------------------------------------------- a rank dies or hangs

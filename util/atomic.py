@@ -5,7 +5,9 @@ A reader (or a run resumed after SIGKILL) sees either the old file or the new on
 import io
 import json
 import os
+import stat
 import tempfile
+import threading
 
 
 def atomic_write_bytes(path, data: bytes):
@@ -13,6 +15,7 @@ def atomic_write_bytes(path, data: bytes):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _open_mode(path))  # mkstemp makes 0600: colleagues could not read the file
         with os.fdopen(fd, "wb") as f:
             _test_kill_midway(f, path, data)
             f.write(data)
@@ -33,6 +36,34 @@ def atomic_write_bytes(path, data: bytes):
             os.close(dfd)
     except OSError:
         pass
+
+
+def _open_mode(path):
+    """The mode a plain open(path, "w") would leave: an existing file keeps its own, a new one
+    gets 0o666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+_umask_lock = threading.Lock()
+
+
+def _umask():
+    """The process umask, read without changing it where Linux allows (/proc, kernel >= 4.7):
+    os.umask can only read it by setting it, which races with other threads creating files."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o077)  # if another thread creates a file meanwhile: private, not public
+        os.umask(mask)
+    return mask
 
 
 _checkpoint_writes = 0

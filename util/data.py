@@ -21,24 +21,38 @@ INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 DATA_SETS = ("synthetic", "image_folder", "IMNET", "CIFAR")
 
 
+_timm_posterize = None  # timm's own posterize, once _patch_posterize_for_new_pillow replaced it
+
+
+def _posterize_zero_bits_safe(img, bits_to_keep, **kw):
+    """timm's posterize, but 0 bits gives a black image (as Pillow < 13 did) instead of Pillow
+    13's ValueError. Module-level, so the train transform pickles (DataLoader workers started
+    with spawn or forkserver)."""
+    if bits_to_keep <= 0:
+        from PIL import Image
+        return Image.new(img.mode, img.size)
+    original = _timm_posterize
+    if original is None:  # a process that unpickled the transform without patching timm
+        import timm.data.auto_augment as aa
+        original = aa.posterize
+    return original(img, bits_to_keep, **kw)
+
+
+_posterize_zero_bits_safe._zero_bits_safe = True
+
+
 def _patch_posterize_for_new_pillow():
     """timm's RandAugment 'increasing' posterize can ask for 0 bits. Pillow < 13 turned that into
     a black image; Pillow 13 raises ValueError. Keep the old result (black) instead of crashing."""
+    global _timm_posterize
     import timm.data.auto_augment as aa
-    from PIL import Image
     if getattr(aa.posterize, "_zero_bits_safe", False):
         return
-    original = aa.posterize
-
-    def posterize(img, bits_to_keep, **kw):
-        if bits_to_keep <= 0:
-            return Image.new(img.mode, img.size)
-        return original(img, bits_to_keep, **kw)
-    posterize._zero_bits_safe = True
-    aa.posterize = posterize
+    original = _timm_posterize = aa.posterize
+    aa.posterize = _posterize_zero_bits_safe
     for name, fn in list(aa.NAME_TO_OP.items()):
         if fn is original:
-            aa.NAME_TO_OP[name] = posterize
+            aa.NAME_TO_OP[name] = _posterize_zero_bits_safe
 
 
 def mean_std(args):
@@ -81,23 +95,74 @@ def build_pretrain_transform(args):
 
 
 class BadImageLog:
-    """Records unreadable images in `<path>` (one line each, appended by any worker process)."""
+    """Records unreadable images in `<path>`, one line each, appended by any worker process:
+    `<split>\t<image path>\t<error>`, split `train` or `val` (a replaced validation image biases
+    the accuracy, so it is counted too). Lines written before the split column read as train."""
 
-    def __init__(self, path=None):
-        self.path = path
+    SPLITS = ("train", "val")
+
+    def __init__(self, path=None, split="train"):
+        self.path, self.split = path, split
 
     def add(self, image_path, err):
-        sys.stderr.write(f"warning: unreadable image {image_path} ({type(err).__name__}: {err}); "
-                         "using another sample in its place\n")
+        what = "another validation sample" if self.split == "val" else "another sample"
+        error = " ".join(f"{type(err).__name__}: {err}".split())  # one line, no tabs
+        sys.stderr.write(f"warning: unreadable image {image_path} ({error}); using {what} in its place\n")
         if self.path:
             with open(self.path, "a") as f:
-                f.write(f"{image_path}\t{type(err).__name__}: {err}\n")
+                f.write(f"{self.split}\t{image_path}\t{error}\n")
 
     def entries(self):
         if not self.path or not os.path.exists(self.path):
             return []
         with open(self.path) as f:
             return [line.rstrip("\n") for line in f if line.strip()]
+
+    @classmethod
+    def parse(cls, line):
+        """(split, image path, error) of one line."""
+        parts = line.split("\t")
+        if len(parts) >= 3 and parts[0] in cls.SPLITS:
+            return parts[0], parts[1], "\t".join(parts[2:])
+        return "train", parts[0], "\t".join(parts[1:])
+
+    def found(self):
+        """The distinct (split, image path) pairs listed, sorted: each epoch meets a bad file again."""
+        return sorted({self.parse(e)[:2] for e in self.entries()})
+
+    @classmethod
+    def recheck(cls, path, loader=None):
+        """At launch, before any image is read: keep on the list only the images that are still
+        unreadable (one line each); fixed or removed ones leave it, so a run stopped by
+        --max_bad_images resumes once they are fixed. The list as it was is kept beside it as
+        `<name>.previous.txt`. Returns the (split, image path) pairs still listed."""
+        if not os.path.exists(path):
+            return []
+        if loader is None:
+            from torchvision.datasets.folder import default_loader as loader
+        kept, seen = [], set()
+        for line in cls(path).entries():
+            split, image, _ = cls.parse(line)
+            if (split, image) in seen:
+                continue
+            seen.add((split, image))
+            if os.path.exists(image) and not _readable(image, loader):
+                kept.append(line if line.startswith(f"{split}\t") else f"{split}\t{line}")
+        from util.atomic import atomic_write_text
+        root, ext = os.path.splitext(path)
+        os.replace(path, f"{root}.previous{ext}")
+        if kept:
+            atomic_write_text(path, "".join(k + "\n" for k in kept))
+        return sorted(cls.parse(k)[:2] for k in kept)
+
+
+def _readable(path, loader):
+    try:
+        sample = loader(path)
+        sample.load() if hasattr(sample, "load") else None
+        return True
+    except Exception:
+        return False
 
 
 class SafeImageFolder(datasets.ImageFolder):

@@ -213,7 +213,7 @@ def run_epochs(args, run_dir, record, tstate, loop, train_loader, resume_at, tra
                                                       if isinstance(v, (int, float)) and k != "epoch"})
             loop.tb.flush()
             record.update(epoch=epoch + 1, step=0, best_metric=tstate.best,
-                          **{k: v for k, v in log.items() if k == "bad_images"},
+                          **{k: v for k, v in log.items() if k in ("bad_images", "bad_val_images")},
                           **({"skipped_steps": loop.skipped_steps} if loop.skipped_steps else {}))
             if epoch_callback is not None:
                 epoch_callback(epoch, log)
@@ -258,8 +258,16 @@ def lr_schedule_for(args, train_loader):
                                               args.warmup_epochs, args.warmup_steps)
 
 
-def attach_bad_image_log(train_set, run_dir):
-    """Unreadable images of an ImageFolder are logged to <run_dir>/bad_images.txt."""
+def attach_bad_image_log(train_set, run_dir, val_set=None):
+    """Unreadable images of an ImageFolder (train and val) are logged to <run_dir>/bad_images.txt.
+    First rank 0 re-checks the list an earlier launch left (BadImageLog.recheck): images fixed
+    since then no longer count, so relaunching after fixing them resumes."""
     if hasattr(train_set, "bad_log"):
         from util.data import BadImageLog
-        train_set.bad_log = BadImageLog(os.path.join(run_dir, "bad_images.txt"))
+        path = os.path.join(run_dir, "bad_images.txt")
+        if du.is_main_process():
+            BadImageLog.recheck(path, getattr(train_set, "loader", None))
+        du.barrier()  # no rank reads or appends to the list before the re-check is done
+        train_set.bad_log = BadImageLog(path, "train")
+        if hasattr(val_set, "bad_log"):
+            val_set.bad_log = BadImageLog(path, "val")
