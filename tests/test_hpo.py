@@ -1,6 +1,9 @@
 """Hyperparameter search (util/hpo.py): trials are ordinary runs on the built-in data; pruning,
-reuse of completed runs, a study killed and started again, two workers on one journal, a
-torchrun study whose pruned trial stops every rank, and search files refused before any trial."""
+reuse of completed runs, a pretraining study, a failed trial, a study in a database, TensorBoard
+HParams read back, a study killed and started again, two workers on one journal, a torchrun study
+whose pruned trial stops every rank, a Slurm submission sbatch refuses, and search files refused
+before any trial."""
+import argparse
 import json
 import os
 import signal
@@ -12,8 +15,9 @@ import torch
 import yaml
 
 import main_finetune
-from tests.helpers import TINY, command, run, run_record, script_env
-from util import hpo
+import main_pretrain
+from tests.helpers import TINY, command, read_log, run, run_record, script_env
+from util import hpo, runs, slurm
 from util.config import parse_args
 
 pytestmark = pytest.mark.slow
@@ -36,21 +40,44 @@ def flags(tmp_path, spec, extra=()):
     return BASE + ["--runs_root", str(tmp_path / "runs"), "--optimize_config", spec, *extra]
 
 
-def optimize_here(argv):
+PRE = ["--model", "convnextv2_atto", "--data_set", "synthetic", "--input_size", "64",
+       "--synthetic_train_samples", "32", "--batch_size", "16", "--epochs", "2", "--num_workers", "0",
+       "--device", "cpu", "--print_freq", "1", "--warmup_epochs", "0", "--decoder_embed_dim", "64"]
+
+
+def optimize_here(argv, kind="finetune"):
     """The study in this process (faster than a subprocess: no imports to repeat); one thread,
     as the subprocesses (tests/helpers.script_env) on these shared cores."""
-    args = parse_args(main_finetune.get_args_parser(), argv)
+    module = main_finetune if kind == "finetune" else main_pretrain
+    args = parse_args(module.get_args_parser(), argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return hpo.optimize(args, "finetune")
+        return hpo.optimize(args, kind)
     finally:
         torch.set_num_threads(threads)
 
 
-def load(tmp_path, name="s"):
+def load(tmp_path, name="s", storage=None):
     sdir = tmp_path / "runs" / "studies" / name
-    return optuna.load_study(study_name=name, storage=hpo.open_storage(None, str(sdir))), sdir
+    return optuna.load_study(study_name=name, storage=hpo.open_storage(storage, str(sdir))), sdir
+
+
+def hparams_sessions(sdir):
+    """What TensorBoard's HParams tab shows for the study: {trial number: (hparams, metrics)},
+    read back from the event files (tensorboard's own reader and hparams metadata parser)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+    out = {}
+    for name in sorted(os.listdir(sdir / "tensorboard")):
+        acc = EventAccumulator(str(sdir / "tensorboard" / name))
+        acc.Reload()
+        content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+        start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+        hp = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+        metrics = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+        out[int(name.split("-")[1])] = (hp, metrics)
+    return out
 
 
 def test_study_prunes_and_reuses(tmp_path, capsys):
@@ -94,6 +121,127 @@ def test_study_prunes_and_reuses(tmp_path, capsys):
         assert t.value == pytest.approx(first.value)
         assert t.user_attrs["run_dir"] == first.user_attrs["run_dir"]
         assert len(run_record(t.user_attrs["run_dir"])["restarts"]) == 1  # not trained again
+
+
+def test_pretrain_study_writes_best_yaml_and_hparams(tmp_path, capsys):
+    # Pretraining has no evaluation: the metric is the epoch's train loss (docs/search.md).
+    spec = write_spec(tmp_path / "search.yaml", metric="train_loss", search_space={
+        "blr": {"type": "float", "min": 1e-3, "max": 1e-2, "log": True},
+        "mask_ratio": {"type": "categorical", "choices": [0.5, 0.7]}})
+    assert optimize_here(PRE + ["--runs_root", str(tmp_path / "runs"), "--optimize_config", spec],
+                         "pretrain") == 0
+    study, sdir = load(tmp_path)
+    trials = study.get_trials()
+    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    for t in trials:  # a trial's value: the best train_loss over its run's epochs
+        run_dir = t.user_attrs["run_dir"]
+        assert os.path.dirname(run_dir) == str(tmp_path / "runs" / "pretrain")
+        assert t.value == pytest.approx(min(e["train_loss"] for e in read_log(run_dir)))
+        assert run_record(run_dir)["study"]["params"] == t.params
+    best = study.best_trial
+    out = capsys.readouterr().out
+    assert "2 finished trials (2 complete, 0 pruned, 0 failed)" in out
+    assert f"best trial {best.number}: train_loss {best.value:.6g}" in out
+    # best.yaml as --config names that very run (floats are rounded to 12 digits for the flags)
+    again = parse_args(main_pretrain.get_args_parser(), ["--config", str(sdir / "best.yaml")])
+    assert again.blr == pytest.approx(best.params["blr"], rel=1e-11) and again.mask_ratio == best.params["mask_ratio"]
+    assert runs.run_name(again, 1, "pretrain") == os.path.basename(best.user_attrs["run_dir"])
+    # the HParams tab: every trial with its sampled values, its state and its value
+    sessions = hparams_sessions(sdir)
+    assert sorted(sessions) == [0, 1]
+    for t in trials:
+        hp, metrics = sessions[t.number]
+        assert hp["blr"] == pytest.approx(t.params["blr"])
+        assert hp["mask_ratio"] == str(t.params["mask_ratio"])  # categorical: shown as text
+        assert hp["trial_state"] == "COMPLETE"
+        assert metrics == {"hparams/train_loss": [pytest.approx(t.value)]}
+
+
+def test_failed_trial_keeps_its_run_and_the_study_goes_on(tmp_path, capsys):
+    # blr 1e30 makes the first step's loss non-finite: that trial (trial 0 with seed 0) fails,
+    # keeps its run with the reason, and the study trains the next one.
+    spec = write_spec(tmp_path / "search.yaml", sampler={"name": "GridSampler"},
+                      search_space={"blr": {"type": "categorical", "choices": [2e-3, 1e30]}})
+    assert optimize_here(flags(tmp_path, spec, ["--epochs", "1"])) == 0
+    study, sdir = load(tmp_path)
+    failed, done = study.get_trials()
+    assert (failed.state.name, failed.params, done.state.name) == ("FAIL", {"blr": 1e30}, "COMPLETE"), \
+        "expected the grid to try blr 1e30 first (GridSampler, seed 0)"
+    rec = run_record(failed.user_attrs["run_dir"])
+    assert rec["status"] == "failed" and "loss is not finite" in rec["reason"]
+    assert rec["study"]["trial"] == 0 and "loss is not finite" in failed.user_attrs["reason"]
+    assert run_record(done.user_attrs["run_dir"])["status"] == "completed"
+    out = capsys.readouterr().out
+    assert "2 finished trials (1 complete, 0 pruned, 1 failed)" in out
+    assert f"best trial 1: test_loss {done.value:.6g}" in out
+    sessions = hparams_sessions(sdir)  # a failed trial is in the HParams tab too, without a value
+    assert sessions[0] == ({"blr": "1e+30", "trial_state": "FAIL"}, {})  # categorical: as text
+    assert sessions[1][0]["trial_state"] == "COMPLETE"
+    assert sessions[1][1] == {"hparams/test_loss": [pytest.approx(done.value)]}
+
+
+def test_database_storage_continues_the_study(tmp_path, capsys):
+    # --storage sqlite:///... (Optuna's RDB storage): the study is in the database, not in a
+    # journal file; started again with more trials it runs only the new one.
+    url = f"sqlite:///{tmp_path}/s.db"
+    spec = write_spec(tmp_path / "search.yaml", trials=1)
+    argv = flags(tmp_path, spec, ["--epochs", "1", "--storage", url])
+    assert optimize_here(argv) == 0
+    write_spec(tmp_path / "search.yaml", trials=2)
+    capsys.readouterr()
+    assert optimize_here(argv) == 0
+    out = capsys.readouterr().out
+    assert "trial 0 started" not in out and "trial 1 started" in out
+    assert "2 finished trials (2 complete, 0 pruned, 0 failed)" in out
+    study, sdir = load(tmp_path, storage=url)
+    assert [(t.number, t.state.name) for t in study.get_trials()] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    assert not (sdir / "journal.log").exists() and (sdir / "best.yaml").exists()
+
+
+class _QueuedJob:
+    """A submitted job that stays in the queue."""
+    job_id = "4242"
+    paths = argparse.Namespace(folder="/nonexistent")
+
+    def done(self):
+        return False
+
+
+class _RefusingExecutor:
+    """Takes the first job; then sbatch refuses (say a bad --slurm_extra): what submitit raises."""
+    submitted = 0
+
+    def submit(self, fn):
+        from submitit.core.utils import FailedSubmissionError
+        _RefusingExecutor.submitted += 1
+        if _RefusingExecutor.submitted > 1:
+            raise FailedSubmissionError("sbatch: error: Invalid --mail-type specification")
+        return _QueuedJob()
+
+
+def test_refused_trial_job_ends_the_search_in_one_line(tmp_path, capsys, monkeypatch):
+    # Two trials in flight: the first is queued, sbatch refuses the second. The search ends at
+    # once with sbatch's reason in one line (exit 2): the refused trial is FAIL with that reason
+    # and leaves no run directory; the queued one is left to its job, which tells the study.
+    monkeypatch.setattr(slurm, "make_executor", lambda *a, **k: _RefusingExecutor())
+    monkeypatch.setattr(_RefusingExecutor, "submitted", 0)
+    spec = write_spec(tmp_path / "search.yaml", trials=4)
+    launch = ["--cluster", "local", "--nodes", "1", "--ngpus", "1", "--parallel", "2"]
+    with pytest.raises(SystemExit) as e:
+        slurm.launch("finetune", "main_finetune", launch + flags(tmp_path, spec))
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    err = err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: trial ") and \
+        "sbatch refused the job: sbatch: error: Invalid --mail-type specification" in err[0], err
+    study, _ = load(tmp_path)
+    states = {t.state.name: t for t in study.get_trials()}
+    assert sorted(states) == ["FAIL", "RUNNING"]  # no third trial was taken
+    refused, queued = states["FAIL"], states["RUNNING"]
+    assert "Invalid --mail-type" in refused.user_attrs["reason"]
+    assert f"trial {queued.number}: the search stops; job 4242 goes on" in out
+    left = os.listdir(tmp_path / "runs" / "finetune")
+    assert len(left) == 1 and os.path.isfile(tmp_path / "runs" / "finetune" / left[0] / "slurm" / "job.json")
 
 
 def _wait_for_line(proc, needle, seen):

@@ -451,7 +451,7 @@ def prepare(args, kind):
 
 def local_launcher(kind, args, spec, sdir):
     """Launcher factory: train each trial here, on every rank of this process group."""
-    def make(study):
+    def make(study, stop=None):
         storage = study._storage if study is not None else None  # share the open journal
 
         def launch(job):
@@ -463,26 +463,31 @@ def local_launcher(kind, args, spec, sdir):
 def run_study(args, kind, spec, make_launcher, parallel=1, sdir=None):
     """The driver (every rank under torchrun calls it; rank 0 decides): open the study, then
     take trials (orphans first) and hand each to `launch(job) -> Outcome` until the study has
-    `trials` finished or running ones. `make_launcher(study)` (study is None off rank 0) gives
-    `launch`: the local launcher trains the trial on every rank of this group; the Slurm
+    `trials` finished or running ones. `make_launcher(study, stop)` (study is None off rank 0)
+    gives `launch`: the local launcher trains the trial on every rank of this group; the Slurm
     launcher submits it as a job that reports and tells itself, and waits for it, `parallel`
-    of them at once (one thread each). Returns (study, "done" | "preempted")."""
+    of them at once (one thread each). `stop` (a threading.Event) is set when one thread fails
+    (e.g. sbatch refused its job): the others take no new trial and stop waiting for their
+    jobs (which still tell the study), and the error ends the search.
+    Returns (study, "done" | "preempted")."""
+    import threading
     sdir = sdir or study_dir(args, spec)
     study = None
     if du.is_main_process():
         with _study_lock(sdir):
             study = open_study(args, spec, sdir, kind)
-    launch = make_launcher(study)
+    stop = threading.Event()
+    launch = make_launcher(study, stop)
     if parallel <= 1:
         return study, _drive(study, spec, sdir, launch)
-    import threading
     results, errors = [], []
 
     def worker():
         try:
-            results.append(_drive(study, spec, sdir, launch))
+            results.append(_drive(study, spec, sdir, launch, stop))
         except BaseException as e:  # re-raised in the main thread
             errors.append(e)
+            stop.set()
     threads = [threading.Thread(target=worker, daemon=True, name=f"trials-{i}") for i in range(parallel)]
     for t in threads:
         t.start()
@@ -494,9 +499,12 @@ def run_study(args, kind, spec, make_launcher, parallel=1, sdir=None):
     return study, "preempted" if "preempted" in results else "done"
 
 
-def _drive(study, spec, sdir, launch):
-    """Take trials and launch them until there is none left to take."""
+def _drive(study, spec, sdir, launch, stop=None):
+    """Take trials and launch them until there is none left to take (or `stop` is set: only
+    with several driver threads, so no rank waits for a broadcast)."""
     while True:
+        if stop is not None and stop.is_set():
+            return "stopped"
         job, lease = next_trial(study, spec, sdir) if du.is_main_process() else (None, None)
         job = du.broadcast_object(job)
         if job is None:

@@ -3,11 +3,16 @@
 job, whose rank 0 reports, prunes and tells the study itself (util/hpo.TrialTask)."""
 import dataclasses
 import os
+import threading
 import time
 
+from util.atomic import missing_dirs
 from util.errors import UserError
 from util.hpo import (Outcome, TrialTask, _fmt_params, best_value, prepare, run_study, study_dir, summarize,
                       trial_args, wait_for_twins)
+
+_SUBMIT = threading.Lock()
+
 
 class TrialJobTrainer:
     """What runs in every task of a trial's Slurm job (util/slurm.Trainer for a TrialTask): the
@@ -35,9 +40,13 @@ class TrialJobTrainer:
         return submitit.helpers.DelayedSubmission(TrialJobTrainer(self.task))
 
 
-def _wait_for_job(cluster, job_id, job=None, poll_s=2.0):
-    """Block until the job is over (requeues included); its last state."""
+def _wait_for_job(cluster, job_id, job=None, poll_s=2.0, stop=None):
+    """Block until the job is over (requeues included); its last state, or None when `stop`
+    was set first (the search is ending: the job goes on and tells the study itself)."""
     from util import slurm
+
+    def stopped():
+        return stop is not None and stop.is_set()
     if cluster == "slurm":
         unknown = 0
         while True:
@@ -45,14 +54,23 @@ def _wait_for_job(cluster, job_id, job=None, poll_s=2.0):
             unknown = unknown + 1 if state is None else 0
             if state in slurm.FINAL_STATES or unknown > 30:
                 return state or "UNKNOWN"
+            if stopped():
+                return None
             time.sleep(poll_s)
     if job is not None:  # local / debug: submitit waits for the processes (or runs it now)
+        if cluster != "debug":  # a debug job runs inside results()
+            while not job.done():
+                if stopped():
+                    return None
+                time.sleep(min(poll_s, 0.5))
         try:
             job.results()
             return "COMPLETED"
         except Exception:
             return "FAILED"
     while slurm._pid_alive(job_id):  # a local job that another driver started
+        if stopped():
+            return None
         time.sleep(poll_s)
     return "UNKNOWN"
 
@@ -64,7 +82,7 @@ def slurm_launcher(kind, args, margs, spec, sdir, poll_s=2.0):
     from util import runs, slurm
     world = args.nodes * args.ngpus
 
-    def make(study):
+    def make(study, stop=None):
         storage = study._storage  # share the open journal with the tasks' handles
 
         def launch(job):
@@ -75,6 +93,7 @@ def slurm_launcher(kind, args, margs, spec, sdir, poll_s=2.0):
             task = TrialTask(kind, margs, spec, job, sdir, margs.storage, stop_on_setup_error=False)
             while True:
                 targs = trial_args(margs, spec, job.params)
+                new_dirs = missing_dirs(os.path.join(getattr(margs, "runs_root", None) or runs.DEFAULT_ROOT, kind))
                 try:
                     run_dir, folder = slurm.resolve_run(targs, args, kind, world)
                 except runs.RunCompleted as done:  # these settings ran to the end before: reuse
@@ -84,18 +103,28 @@ def slurm_launcher(kind, args, margs, spec, sdir, poll_s=2.0):
                                              None if ok else f"no finite {spec.metric} in its log", reused=True),
                                      storage)
                 task.run_dir = run_dir
+                # what to remove again if sbatch refuses the job: a fresh, still empty run directory
+                undo_dirs = ([] if os.listdir(run_dir) else [run_dir]) + new_dirs
                 busy = slurm.active_job(run_dir)
                 if not busy:
                     break
                 # A job is already on this run: this trial's own, submitted by a driver that has
                 # stopped since (the job reports and tells), or another study's.
                 print(f"{prefix}: its run is already job {busy[0]} ({busy[1]}); waiting for it", flush=True)
-                _wait_for_job(args.cluster, busy[0], None, poll_s)
+                if _wait_for_job(args.cluster, busy[0], None, poll_s, stop) is None:
+                    return None  # the search is ending; that job tells the study itself
                 frozen = study.get_trials(deepcopy=False)[job.number]
                 if frozen.state != TrialState.RUNNING:
                     return _outcome(frozen, run_dir)
-            executor = slurm.make_executor(args, folder, f"{kind}-{spec.study_name}-trial{job.number}")
-            handle = executor.submit(TrialJobTrainer(task))
+            try:
+                with _SUBMIT:  # slurm.submit swaps sys.stderr while sbatch runs: one thread at a time
+                    executor = slurm.make_executor(args, folder, f"{kind}-{spec.study_name}-trial{job.number}")
+                    handle = slurm.submit(executor, TrialJobTrainer(task), run_dir, undo_dirs)
+            except UserError as e:  # e.g. sbatch refused the job (a bad --slurm_extra): every trial
+                # would be refused alike, so the trial fails with the reason and the search ends
+                task.tell(Outcome(job.number, "FAIL", run_dir=run_dir if os.path.isdir(run_dir) else None,
+                                  reason=str(e)), storage)
+                raise UserError(f"trial {job.number}: {e}") from None
             job_id = str(handle.job_id)
             from util.atomic import atomic_write_json
             os.makedirs(os.path.dirname(slurm._job_record_path(run_dir)), exist_ok=True)
@@ -104,7 +133,10 @@ def slurm_launcher(kind, args, margs, spec, sdir, poll_s=2.0):
                 "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "study": spec.study_name,
                 "trial": job.number, "nodes": args.nodes, "tasks_per_node": args.ngpus})
             print(f"{prefix} submitted as job {job_id}: {_fmt_params(job.params)}; run {run_dir}", flush=True)
-            state = _wait_for_job(args.cluster, job_id, handle, poll_s)
+            state = _wait_for_job(args.cluster, job_id, handle, poll_s, stop)
+            if state is None:
+                print(f"{prefix}: the search stops; job {job_id} goes on and tells the study itself", flush=True)
+                return None
             frozen = study.get_trials(deepcopy=False)[job.number]
             if frozen.state == TrialState.RUNNING:  # the job ended without telling: it failed
                 why = slurm._error_line(handle, run_dir)
