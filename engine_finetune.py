@@ -41,6 +41,8 @@ def evaluate(data_loader, model, device, amp=None, reduce=True, channels_last=Fa
         n_local += len(target)
     sums[3] = n_local
     if reduce and dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl" and sums.device.type != "cuda":  # an EMA kept on the CPU
+            sums = sums.cuda()
         dist.all_reduce(sums)
     loss, c1, c5, n = sums.tolist()
     n = max(n, 1)

@@ -90,16 +90,16 @@ def build_criterion(args, mixup_fn):
 
 
 def load_finetune_weights(args, model):
-    """Start from a checkpoint's weights: ours (fine-tune or FCMAE) or an official one."""
-    from models.weights import encoder_state_dict, load_into
+    """Start from a checkpoint's weights: ours (fine-tune or FCMAE) or an official one into our
+    ConvNeXt V2, or a timm model's own checkpoint into it (models.weights.load_into)."""
+    from models.weights import load_into
     from util.checkpoint import load_checkpoint
     ckpt = load_checkpoint(args.finetune)
-    sd = finetune_state_dict(args, ckpt)
-    if hasattr(model, "stages"):
-        sd = encoder_state_dict(sd)
-    missing, unexpected = load_into(model, sd)
+    missing, unexpected = load_into(model, finetune_state_dict(args, ckpt))
     print(f"loaded {args.finetune}: missing keys {missing or 'none'}, unexpected keys {unexpected or 'none'}")
     src = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+    src = vars(src) if isinstance(src, argparse.Namespace) else src  # official checkpoints
+    src = src if isinstance(src, dict) else {}
     return {"finetune_from": os.path.abspath(args.finetune),
             "finetune_from_signature": (ckpt.get("extra") or {}).get("signature") if isinstance(ckpt, dict) else None,
             "finetune_from_model": src.get("model")}
@@ -147,8 +147,9 @@ def main(args, epoch_callback=None, record_extra=None):
 
     from util.optim import cosine_schedule, create_optimizer, resolve_lr
     eff_batch = resolve_lr(args, world)
-    run_dir, record = open_run(args, "finetune", world)
-    attach_bad_image_log(train_set, run_dir, val_set)
+    if not args.preflight:  # a preflight makes no run: it writes nothing
+        run_dir, record = open_run(args, "finetune", world)
+        attach_bad_image_log(train_set, run_dir, val_set)
 
     model = build_model()
     extra = {}
@@ -176,21 +177,6 @@ def main(args, epoch_callback=None, record_extra=None):
     mixup_fn = build_mixup(args, nb_classes)
     criterion = build_criterion(args, mixup_fn)
 
-    tstate = TrainingState(args, model_without_ddp, optimizer, amp.scaler, model_ema)
-    tstate.extra.update(extra)
-    tstate.extra["signature"] = record.signature
-    resume_at = resume_point(args, tstate)
-
-    if args.eval:
-        stats = evaluate(val_loader, model, device, amp, reduce=args.dist_eval, channels_last=args.channels_last)
-        stats.update(_bad_images(train_set, args, val_set))
-        print(f"Accuracy of the network on the {stats['n']} test images: {stats['acc1']:.2f}%")
-        if du.is_main_process():
-            from util.atomic import atomic_write_json
-            atomic_write_json(os.path.join(run_dir, "eval.json"), stats)
-        du.cleanup()
-        return stats
-
     if args.preflight:
         from util.preflight import preflight
         def loss_fn(m, batch):
@@ -199,6 +185,33 @@ def main(args, epoch_callback=None, record_extra=None):
         preflight(args, train_model, loss_fn, train_loader, optimizer, device, amp, updates_per_epoch)
         du.cleanup()
         return None
+
+    tstate = TrainingState(args, model_without_ddp, optimizer, amp.scaler, model_ema)
+    tstate.extra.update(extra)
+    tstate.extra["signature"] = record.signature
+    resume_at = resume_point(args, tstate)
+
+    def evaluate_models():
+        """The model, and the EMA with --model_ema_eval (on its own device: --model_ema_force_cpu)."""
+        stats = evaluate(val_loader, model, device, amp, reduce=args.dist_eval, channels_last=args.channels_last)
+        if model_ema is not None and args.model_ema_eval:
+            ema_device = next(model_ema.module.parameters()).device
+            ema = evaluate(val_loader, model_ema.module, ema_device, amp if ema_device == device else None,
+                           reduce=args.dist_eval, channels_last=args.channels_last)
+            stats.update({f"{k}_ema": v for k, v in ema.items()})
+        return stats
+
+    if args.eval:
+        stats = evaluate_models()
+        stats.update(_bad_images(train_set, args, val_set))
+        print(f"Accuracy of the network on the {stats['n']} test images: {stats['acc1']:.2f}%")
+        if "acc1_ema" in stats:
+            print(f"Accuracy of the EMA model: {stats['acc1_ema']:.2f}%")
+        if du.is_main_process():
+            from util.atomic import atomic_write_json
+            atomic_write_json(os.path.join(run_dir, "eval.json"), stats)
+        du.cleanup()
+        return stats
 
     loop = make_loop(args, run_dir, record, tstate, amp, updates_per_epoch, lr_schedule, wd_schedule,
                      info.rank, world, resume_at, model_ema)
@@ -214,13 +227,7 @@ def main(args, epoch_callback=None, record_extra=None):
     def eval_fn(epoch):
         if val_loader is None:
             return None
-        log = {f"test_{k}": v for k, v in evaluate(val_loader, model, device, amp, reduce=args.dist_eval,
-                                                   channels_last=args.channels_last).items()}
-        if model_ema is not None and args.model_ema_eval:
-            log.update({f"test_{k}_ema": v for k, v in evaluate(
-                val_loader, model_ema.module, device, amp, reduce=args.dist_eval,
-                channels_last=args.channels_last).items()})
-        return log
+        return {f"test_{k}": v for k, v in evaluate_models().items()}
 
     best_name = "test_acc1_ema" if (args.model_ema and args.model_ema_eval) else "test_acc1"
     result = run_epochs(args, run_dir, record, tstate, loop, train_loader, resume_at, train_fn, eval_fn,

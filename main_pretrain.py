@@ -73,8 +73,9 @@ def main(args, epoch_callback=None, record_extra=None):
     check_inputs(args, train_set, world, build_model)
     from util.optim import create_optimizer, resolve_lr
     eff_batch = resolve_lr(args, world)
-    run_dir, record = open_run(args, "pretrain", world)
-    attach_bad_image_log(train_set, run_dir)
+    if not args.preflight:  # a preflight makes no run: it writes nothing
+        run_dir, record = open_run(args, "pretrain", world)
+        attach_bad_image_log(train_set, run_dir)
 
     model = build_model()
     model.to(device)
@@ -88,16 +89,16 @@ def main(args, epoch_callback=None, record_extra=None):
 
     train_loader = build_train_loader(train_set, args, world, info.rank)
     updates_per_epoch, lr_schedule = lr_schedule_for(args, train_loader)
-    tstate = TrainingState(args, model_without_ddp, optimizer, amp.scaler)
-    tstate.extra["signature"] = record.signature
-    resume_at = resume_point(args, tstate)
-
     if args.preflight:
         from util.preflight import preflight
         preflight(args, train_model, lambda m, b: m(b[0], mask_ratio=args.mask_ratio)[0], train_loader,
                   optimizer, device, amp, updates_per_epoch)
         du.cleanup()
         return None
+
+    tstate = TrainingState(args, model_without_ddp, optimizer, amp.scaler)
+    tstate.extra["signature"] = record.signature
+    resume_at = resume_point(args, tstate)
 
     loop = make_loop(args, run_dir, record, tstate, amp, updates_per_epoch, lr_schedule, None,
                      info.rank, world, resume_at)

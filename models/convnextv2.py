@@ -249,6 +249,7 @@ def init_weights(module):
 class ConvNeXtV2(nn.Module):
     """ConvNeXt V2. `with_head=False` leaves out the final norm and head (FCMAE encoder);
     `num_classes=0` keeps the norm and returns pooled features."""
+    channels_last_inside = True  # activations (so weight gradients) are channels_last: see place_model
 
     def __init__(self, in_chans=3, num_classes=1000, depths=(3, 3, 9, 3),
                  dims=(96, 192, 384, 768), drop_path_rate=0.0, head_init_scale=1.0,

@@ -18,6 +18,7 @@ def _check_ratio(mask_ratio):
 
 class FCMAE(nn.Module):
     """Sparse ConvNeXt V2 encoder + light dense ConvNeXt V2 decoder, MSE on removed patches."""
+    channels_last_inside = True  # as ConvNeXtV2
 
     def __init__(self, img_size=224, in_chans=3, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
                  decoder_depth=1, decoder_embed_dim=512, patch_size=32, mask_ratio=0.6,

@@ -1,4 +1,6 @@
-"""Fine-tuning end to end: torchrun on gloo, DDP and accumulation equivalence, resume."""
+"""Fine-tuning end to end: torchrun on gloo, DDP and accumulation equivalence, resume, the full recipe."""
+import json
+import math
 import os
 
 import pytest
@@ -25,11 +27,15 @@ def test_torchrun_two_processes(tmp_path):
     assert os.path.exists(out / "checkpoint-1.pth") and os.path.exists(out / "checkpoint-best.pth")
 
 
-def test_ddp_equals_single_process_with_double_batch(tmp_path):
+def test_ddp_with_accumulation_equals_single_process_with_big_batch(tmp_path):
+    """2 processes x batch 4 x update_freq 2 (DDP's no_sync on the first micro-step, the
+    all-reduce on the second) reach the weights of 1 process x batch 16."""
     # SGD, not AdamW: Adam divides by |g|, so float noise in near-zero gradients (reduction order)
     # would show up as lr-sized differences that say nothing about DDP.
     common = TINY + ["--epochs", "1", "--disable_eval", "True", "--opt", "sgd", "--blr", "0.5"]
-    run("main_finetune.py", common + ["--batch_size", "8", "--output_dir", str(tmp_path / "two")], nproc=2)
+    r = run("main_finetune.py", common + ["--batch_size", "4", "--update_freq", "2",
+                                          "--output_dir", str(tmp_path / "two")], nproc=2)
+    assert "Grad strides do not match" not in r.stderr  # weights laid out as the gradients come
     run("main_finetune.py", common + ["--batch_size", "16", "--output_dir", str(tmp_path / "one")])
     _close(weights(tmp_path / "two" / "checkpoint-0.pth"), weights(tmp_path / "one" / "checkpoint-0.pth"))
 
@@ -53,3 +59,24 @@ def test_resume_from_epoch_checkpoint_continues_epochs_and_schedule(tmp_path):
         assert a["train_lr"] == b["train_lr"]
     a, b = weights(full / "checkpoint-2.pth"), weights(part / "checkpoint-2.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_recipe_flags_train_and_the_ema_is_evaluated(tmp_path):
+    """The paper's fine-tuning recipe in miniature (bf16 autocast, mixup + cutmix with soft
+    targets, label smoothing, clipping, layer decay, weight-decay schedule, EMA picked as best),
+    then --eval of the best checkpoint reports the EMA too."""
+    out = tmp_path / "recipe"
+    recipe = ["--use_amp", "True", "--mixup", "0.8", "--cutmix", "1.0", "--smoothing", "0.1",
+              "--clip_grad", "1.0", "--layer_decay", "0.9", "--weight_decay_end", "0.1",
+              "--model_ema", "True", "--model_ema_decay", "0.9", "--model_ema_eval", "True"]
+    run("main_finetune.py", TINY + recipe + ["--batch_size", "16", "--epochs", "2", "--output_dir", str(out)])
+    log = read_log(out)
+    assert all(math.isfinite(e["train_loss"]) and "test_acc1_ema" in e for e in log)
+    assert run_record(out)["best_metric"]["name"] == "test_acc1_ema"
+    ev = tmp_path / "ev"
+    r = run("main_finetune.py", TINY + recipe + ["--batch_size", "16", "--eval", "True", "--resume",
+                                                 str(out / "checkpoint-best.pth"), "--output_dir", str(ev)])
+    stats = json.loads((ev / "eval.json").read_text())
+    assert stats["n"] == 30 and stats["n_ema"] == 30 and "Accuracy of the EMA model" in r.stdout
+    best = max(log, key=lambda e: e["test_acc1_ema"])
+    assert abs(stats["acc1_ema"] - best["test_acc1_ema"]) < 1e-6

@@ -52,3 +52,35 @@ def test_preempted_run_resumes_bit_identical(tmp_path, nproc, sig):
     tb.Reload()
     steps = [e.step for e in tb.Scalars("train/loss")]
     assert steps == sorted(set(steps)) and len(steps) == 2 * 192 // (8 * nproc)  # no step twice, none lost
+
+
+def test_resume_mid_epoch_with_another_batch_split(tmp_path):
+    """Stopped at batch 8 x 1, resumed as batch 4 x update_freq 2 (the same global batch, as on
+    a machine with half the memory): it continues after the samples already used, neither
+    replaying nor skipping any, and ends where a run that never stopped ends (float tolerance)."""
+    common = TINY + ["--synthetic_train_samples", "192", "--epochs", "1", "--disable_eval", "True",
+                     "--opt", "sgd", "--blr", "0.5"]
+    ref = tmp_path / "ref"
+    run("main_finetune.py", common + ["--batch_size", "8", "--output_dir", str(ref)])
+    cut = tmp_path / "cut"
+    out = _stop_midway(common + ["--batch_size", "8", "--output_dir", str(cut)], 1, signal.SIGTERM)
+    step = torch.load(cut / "checkpoint-last.pth", map_location="cpu", weights_only=True)["step"]
+    assert run_record(cut)["status"] == "preempted" and 5 <= step < 24, out[-2000:]
+    r = run("main_finetune.py", common + ["--batch_size", "4", "--update_freq", "2", "--output_dir", str(cut)])
+    assert f"continues at step {2 * step} (same {8 * step} samples consumed)" in r.stdout
+    a, b = weights(ref / "checkpoint-0.pth"), weights(cut / "checkpoint-0.pth")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_signal_after_the_last_step_stops_at_the_epoch_end(tmp_path):
+    """SIGTERM once the epoch's last step is logged (during the evaluation): the run saves the
+    epoch, stops before the next one and is marked preempted; started again, it goes on with
+    the next epoch."""
+    args = ARGS + ["--synthetic_val_samples", "1024", "--output_dir", str(tmp_path / "run")]
+    out = _stop_midway(args, 1, signal.SIGTERM, at_step=24)
+    rec = run_record(tmp_path / "run")
+    assert (rec["status"], rec["reason"]) == ("preempted", "stopped after epoch 0"), out[-2000:]
+    assert [e["epoch"] for e in read_log(tmp_path / "run")] == [0]
+    r = run("main_finetune.py", args)
+    assert "from epoch 1 step 0" in r.stdout and run_record(tmp_path / "run")["status"] == "completed"

@@ -53,7 +53,8 @@ def add_common_args(parser, epochs, blr, min_lr, warmup_epochs):
     # distributed
     a("--world_size", default=1, type=int, help="set by the launcher")
     a("--local_rank", "--local-rank", dest="local_rank", default=-1, type=int)
-    a("--dist_on_itp", type=str2bool, default=False)
+    a("--dist_on_itp", type=str2bool, default=False,
+      help="launched by Open MPI's mpirun: ranks from OMPI_COMM_WORLD_*; set MASTER_ADDR and MASTER_PORT")
     a("--dist_url", default="env://")
     a("--dist_timeout", default=600.0, type=float, help="seconds a rank waits for the others")
     a("--preflight", action="store_true", help="one step with the real model and data, then exit")

@@ -35,9 +35,22 @@ def _slurm_master_addr():
         return "127.0.0.1"
 
 
-def detect_launcher(local_rank_flag=-1):
-    """Return (launcher, rank, world_size, local_rank) from the environment."""
+def detect_launcher(local_rank_flag=-1, dist_on_itp=False):
+    """Return (launcher, rank, world_size, local_rank) from the environment. `dist_on_itp`
+    (the original flag): Open MPI's mpirun, whose OMPI_COMM_WORLD_* variables name the ranks;
+    MASTER_ADDR and MASTER_PORT must be set, as with the original code."""
     env = os.environ
+    if dist_on_itp:
+        if "OMPI_COMM_WORLD_RANK" not in env:
+            raise UserError("--dist_on_itp True needs a launch by Open MPI's mpirun "
+                            "(OMPI_COMM_WORLD_RANK is not set); drop the flag or launch with mpirun")
+        if not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+            raise UserError("--dist_on_itp True needs MASTER_ADDR and MASTER_PORT in the environment "
+                            "(the address and a free port of rank 0's host)")
+        rank, world = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
+        local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        return "mpirun", rank, world, local
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, torch.distributed.launch, submitit export
         local = int(env.get("LOCAL_RANK", local_rank_flag if local_rank_flag >= 0 else 0))
         return "torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), local
@@ -68,7 +81,8 @@ def init_distributed(args):
     Writes rank, world_size, gpu (local rank), distributed and device onto `args`, as the
     original scripts did, and returns a DistInfo.
     """
-    launcher, rank, world, local = detect_launcher(getattr(args, "local_rank", -1))
+    launcher, rank, world, local = detect_launcher(getattr(args, "local_rank", -1),
+                                                   bool(getattr(args, "dist_on_itp", False)))
     device = resolve_device(getattr(args, "device", "auto"), local)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -11,6 +11,7 @@ from util import runs
 from util.checkpoint import (find_resumable, load_checkpoint, plain_args, prune_epoch_checkpoints,
                              rng_state, save_checkpoint, set_rng_state)
 from util.config import save_config
+from util.errors import UserError
 
 
 def start_process(args):
@@ -41,8 +42,8 @@ class AlreadyCompleted(SystemExit):
 
 
 def open_run(args, kind, world_size, extra=None):
-    """Pick the run directory (rank 0 decides, all ranks agree), write config.yaml and start the
-    run record. Returns (run_dir, record) or exits 0 (AlreadyCompleted) when the run already
+    """Pick the run directory (rank 0 decides, all ranks agree; a refusal stops every rank),
+    write config.yaml (not for --eval) and start the run record. Returns (run_dir, record) or exits 0 (AlreadyCompleted) when the run already
     completed."""
     decision = None
     if du.is_main_process():
@@ -50,7 +51,11 @@ def open_run(args, kind, world_size, extra=None):
             decision = ("dir", runs.prepare_run_dir(args, kind=kind, world_size=world_size))
         except runs.RunCompleted as done:
             decision = ("done", str(done), done.run_dir)
+        except UserError as e:  # every rank stops with it, none waits for the others
+            decision = ("error", str(e))
     decision = du.broadcast_object(decision)
+    if decision[0] == "error":
+        raise UserError(decision[1])
     if decision[0] == "done":
         print(decision[1])
         du.cleanup()
@@ -61,7 +66,8 @@ def open_run(args, kind, world_size, extra=None):
         args.log_dir = os.path.join(run_dir, "tensorboard")
     if du.is_main_process():
         os.makedirs(run_dir, exist_ok=True)
-        save_config(args, os.path.join(run_dir, "config.yaml"))
+        if not getattr(args, "eval", False):  # evaluating leaves the run's config as it is
+            save_config(args, os.path.join(run_dir, "config.yaml"))
     hosts = du.all_gather_object(os.uname().nodename)
     record = runs.RunRecord(run_dir, args, kind, world_size=world_size, is_main=du.is_main_process(),
                             hostnames=sorted(set(hosts)))
@@ -117,7 +123,28 @@ class TrainingState:
                   f"{du.get_world_size()}: random streams restart from the seed")
         if ckpt.get("epoch_done", True):
             return ckpt["epoch"] + 1, 0
-        return ckpt["epoch"], ckpt["step"]
+        return ckpt["epoch"], self._step_in_this_layout(ckpt, path)
+
+    def _step_in_this_layout(self, ckpt, path):
+        """The saved micro-step, converted when this launch splits the global batch otherwise
+        (other world size, batch_size or update_freq). The sampler hands out the epoch's
+        order as a prefix shared by all ranks, so what matters is the number of samples
+        consumed: step x batch_size x world_size."""
+        saved = ckpt.get("args") or {}
+        old = (ckpt.get("world_size") or 1, saved.get("batch_size"), saved.get("update_freq") or 1)
+        new = (du.get_world_size(), self.args.batch_size, self.args.update_freq)
+        if old[1] is None or old == new:
+            return ckpt["step"]
+        samples = ckpt["step"] * old[0] * old[1]
+        per_update = new[0] * new[1] * new[2]
+        if samples % per_update:
+            raise UserError(f"{path} stopped inside epoch {ckpt['epoch']} after {samples} samples, not a "
+                            f"whole number of this launch's global batches of {per_update}; resume it "
+                            f"with a global batch of {old[0] * old[1] * old[2]} (batch_size x update_freq x processes)")
+        step = samples // (new[0] * new[1])
+        print(f"{path}: saved by {old[0]} process(es) x batch {old[1]} x update_freq {old[2]} at step "
+              f"{ckpt['step']}; this launch continues at step {step} (same {samples} samples consumed)")
+        return step
 
 
 def resume_point(args, tstate):
@@ -217,9 +244,13 @@ def run_epochs(args, run_dir, record, tstate, loop, train_loader, resume_at, tra
                           **({"skipped_steps": loop.skipped_steps} if loop.skipped_steps else {}))
             if epoch_callback is not None:
                 epoch_callback(epoch, log)
+            if args.save_ckpt and loop.stop is not None and any(du.all_gather_object(bool(loop.stop.requested))):
+                # a signal during the last step, the evaluation or the save: the epoch's
+                # checkpoint is written, so stop now rather than after the next epoch's first step
+                raise Preempted(f"stopped after epoch {epoch}")
     except Preempted as p:
         record.finish("preempted", reason=str(p))
-        print(f"preempted: state saved in {run_dir}/checkpoint-last.pth; run the same command to resume")
+        print(f"preempted: state saved in {run_dir}; run the same command to resume")
         return {"status": "preempted", "run_dir": run_dir}
     except BaseException as e:  # an exception may name its own status (util/hpo.py: "pruned")
         record.finish(getattr(e, "run_status", "failed"), reason=f"{type(e).__name__}: {e}",
@@ -239,7 +270,14 @@ def place_model(model, args, info):
     import torch
     from util.speed import maybe_compile
     model.to(info.device)
-    if args.channels_last:
+    if getattr(model, "channels_last_inside", False):
+        # ours compute in channels_last whatever the input: conv weights in that layout get their
+        # gradients in the layout DDP's buckets expect (no copy per step, no stride warning);
+        # GRN's [1, 1, 1, C] parameters keep theirs, as their gradients do
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.to(memory_format=torch.channels_last)
+    elif args.channels_last:
         model.to(memory_format=torch.channels_last)
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
