@@ -68,6 +68,7 @@ def w(tmp_path_factory):
     (d / "bad_value.yaml").write_text("batch_size: many\n")
     (d / "python_tag.yaml").write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
     (d / "a_file").write_text("not a folder\n")
+    (d / "latin1.yaml").write_bytes(b"model: convnextv2_atto  # caf\xe9\n")  # Latin-1, not UTF-8
     base = d / "base"
     r = forkrun.run("main_finetune.py", FT + ["--output_dir", base], d)
     assert r.returncode == 0, r.stderr
@@ -151,6 +152,16 @@ ROWS = [
     ("force_with_output_dir", "main_finetune.py", ["--force"], "with --output_dir, give a new folder"),
     ("eval_without_weights", "main_finetune.py", ["--eval", "True"], "--eval True needs --resume or --finetune"),
     ("cuda_without_cuda", "main_finetune.py", ["--device", "cuda"], "asked for CUDA but none is available"),
+    ("pretrain_data_path_missing", "main_pretrain.py", ["--data_set", "image_folder"], "needs --data_path"),
+    ("finetune_damaged_file", "main_finetune.py", ["--finetune", "{d}/truncated.pth"],
+     "is damaged or not a torch file"),
+    ("unwritable_log_dir", "main_finetune.py", ["--log_dir", "{d}/a_file/tb"],
+     "--log_dir {d}/a_file/tb is not a writable directory"),
+    ("pretrain_unwritable_log_dir", "main_pretrain.py", ["--log_dir", "/proc/x"],
+     "--log_dir /proc/x is not a writable directory"),
+    ("config_not_utf8", "main_finetune.py", ["--config", "{d}/latin1.yaml"],
+     "config {d}/latin1.yaml (line 1): not UTF-8 text (byte 0xe9); save it as UTF-8"),
+    ("config_is_a_directory", "main_finetune.py", ["--config", "{d}"], "config {d} is a directory"),
 ]
 
 
@@ -168,6 +179,154 @@ def test_mistake_is_one_line_and_loses_nothing(w, tmp_path, name, script, flags,
     one_line(r, _fill([fragment], w)[0])
     assert snapshot(w["base"]) == before
     assert not os.path.exists(w["marker"]), "a checkpoint or config ran code"
+
+
+# Every check of util/validate.py's `_ranges` and `_choices` (and main_pretrain.py's own), one
+# launch each: (id, script, flags, fragment of the line). The checks shared by both scripts
+# alternate between them; `test_range_rows_cover_every_check` keeps this table complete.
+F, P = "main_finetune.py", "main_pretrain.py"
+RANGE_ROWS = [
+    ("batch_size", F, ["--batch_size", "0"], "--batch_size 0 must be >= 1"),
+    ("update_freq", P, ["--update_freq", "0"], "--update_freq 0 must be >= 1"),
+    ("epochs", F, ["--epochs", "0"], "--epochs 0 must be >= 1"),
+    ("start_epoch", P, ["--start_epoch", "1"], "--start_epoch 1 must be in [0, --epochs)"),
+    ("lr", P, ["--lr", "-1"], "--lr -1.0 must be >= 0"),
+    ("blr", F, ["--blr", "-1"], "--blr -1.0 must be >= 0"),
+    ("min_lr", P, ["--min_lr", "-1"], "--min_lr -1.0 must be >= 0"),
+    ("weight_decay", F, ["--weight_decay", "-0.1"], "--weight_decay -0.1 must be >= 0"),
+    ("warmup_epochs", P, ["--warmup_epochs", "-1"], "--warmup_epochs -1 must be >= 0"),
+    ("clip_grad", F, ["--clip_grad", "0"], "--clip_grad 0.0 must be > 0"),
+    ("num_workers", P, ["--num_workers", "-1"], "--num_workers -1 must be >= 0"),
+    ("print_freq", F, ["--print_freq", "0"], "--print_freq 0 must be >= 1"),
+    ("save_ckpt_freq", P, ["--save_ckpt_freq", "0"], "--save_ckpt_freq 0 must be >= 1"),
+    ("save_ckpt_num", F, ["--save_ckpt_num", "0"], "--save_ckpt_num 0 must be >= 1"),
+    ("save_ckpt_minutes", P, ["--save_ckpt_minutes", "-1"], "--save_ckpt_minutes -1.0 must be >= 0"),
+    ("max_bad_images", F, ["--max_bad_images", "-1"], "--max_bad_images -1 must be >= 0"),
+    ("skip_nonfinite", P, ["--skip_nonfinite", "-1"], "--skip_nonfinite -1 must be >= 0"),
+    ("dist_timeout", F, ["--dist_timeout", "0"], "--dist_timeout 0.0 must be > 0 seconds"),
+    ("synthetic_train_samples", P, ["--synthetic_train_samples", "0"], "--synthetic_train_samples and"),
+    ("synthetic_val_samples", F, ["--synthetic_val_samples", "0"], "--synthetic_val_samples must be >= 1"),
+    ("synthetic_classes", F, ["--synthetic_classes", "11"], "--synthetic_classes 11 must be between 2 and 10"),
+    ("crop_pct", P, ["--crop_pct", "1.5"], "--crop_pct 1.5 must be in (0, 1]"),
+    ("device", F, ["--device", "foo"], "--device 'foo' is not a device; use auto, cpu, cuda, cuda:N or mps"),
+    ("pretrain_device", P, ["--device", "cuda:x"], "--device 'cuda:x' is not a device"),
+    # fine-tuning only
+    ("input_size", F, ["--input_size", "8"], "--input_size 8 must be >= 16"),
+    ("drop_path", F, ["--drop_path", "-0.1"], "--drop_path -0.1 must be in [0, 1)"),
+    ("layer_decay", F, ["--layer_decay", "0"], "--layer_decay 0.0 must be in (0, 1]"),
+    ("smoothing", F, ["--smoothing", "1"], "--smoothing 1.0 must be in [0, 1)"),
+    ("reprob", F, ["--reprob", "1.5"], "--reprob 1.5 must be in [0, 1]"),
+    ("recount", F, ["--recount", "0"], "--recount 0 must be >= 1"),
+    ("color_jitter", F, ["--color_jitter", "-0.4"], "--color_jitter -0.4 must be >= 0"),
+    ("scale_min_above_max", F, ["--scale", "0.9", "0.1"], "--scale 0.9 0.1 must be MIN MAX with 0 < MIN <= MAX <= 1"),
+    ("mixup", F, ["--mixup", "-1"], "--mixup and --cutmix must be >= 0"),
+    ("cutmix", F, ["--cutmix", "-1"], "--mixup and --cutmix must be >= 0"),
+    ("mixup_prob", F, ["--mixup_prob", "1.5"], "--mixup_prob 1.5 must be in [0, 1]"),
+    ("mixup_switch_prob", F, ["--mixup_switch_prob", "-1"], "--mixup_switch_prob -1.0 must be in [0, 1]"),
+    ("cutmix_minmax_one_value", F, ["--cutmix", "1", "--cutmix_minmax", "0.5"],
+     "--cutmix_minmax 0.5 needs two values, MIN MAX"),
+    ("cutmix_minmax_reversed", F, ["--cutmix_minmax", "0.8", "0.2"], "--cutmix_minmax 0.8 0.2 must be MIN MAX"),
+    ("cutmix_minmax_empty_at_size", F, ["--cutmix_minmax", "0.5", "0.51"],
+     "--cutmix_minmax 0.5 0.51 gives no range of box sides at --input_size 32 (16 to 16 px)"),
+    ("mixup_odd_batch", F, ["--mixup", "0.8", "--batch_size", "7"],
+     "--batch_size 7 must be even with --mixup/--cutmix"),
+    ("model_ema_decay", F, ["--model_ema_decay", "1"], "--model_ema_decay 1.0 must be in [0, 1)"),
+    ("weight_decay_end", F, ["--weight_decay_end", "-1"], "--weight_decay_end must be >= 0"),
+    ("opt_eps", F, ["--opt_eps", "-1"], "--opt_eps -1.0 must be >= 0"),
+    ("opt_betas_one_value", F, ["--opt_betas", "0.9"], "--opt_betas 0.9 must be two values in [0, 1)"),
+    ("opt_betas_out_of_range", F, ["--opt_betas", "0.9", "1.5"], "--opt_betas 0.9 1.5 must be two values"),
+    ("momentum", F, ["--momentum", "-0.9"], "--momentum -0.9 must be >= 0"),
+    ("train_interpolation", F, ["--train_interpolation", "foo"],
+     "--train_interpolation 'foo' is unknown; use one of random, bicubic, bilinear"),
+    ("remode", F, ["--remode", "foo", "--reprob", "0.5"], "--remode 'foo' is unknown; use one of pixel, rand, const"),
+    ("mixup_mode", F, ["--mixup_mode", "foo"], "--mixup_mode 'foo' is unknown; use one of batch, pair, elem"),
+    ("opt", F, ["--opt", "adamx"], "--opt 'adamx' is not an optimizer timm knows (did you mean adamax"),
+    ("aa", F, ["--aa", "bogus-policy"], "--aa 'bogus-policy' is not a timm augmentation policy"),
+    ("aa_bad_section", F, ["--aa", "rand-m9-x3"], "--aa 'rand-m9-x3' is not a timm augmentation policy"),
+    # pretraining only (main_pretrain.validate_args)
+    ("mask_ratio", P, ["--mask_ratio", "0"], "--mask_ratio 0.0 must be in (0, 1)"),
+    ("pretrain_input_size", P, ["--input_size", "48"], "--input_size 48 must be a multiple of 32"),
+    ("decoder_depth", P, ["--decoder_depth", "-1"], "--decoder_depth must be >= 0"),
+    ("decoder_embed_dim", P, ["--decoder_embed_dim", "0"], "--decoder_embed_dim >= 1"),
+]
+
+
+@pytest.mark.parametrize("name,script,flags,fragment", RANGE_ROWS, ids=[r[0] for r in RANGE_ROWS])
+def test_range_or_choice_is_one_line_and_writes_nothing(tmp_path, name, script, flags, fragment):
+    """A value out of range or not among the choices: one line naming the flag, exit 2, and
+    no folder, config.yaml or run.json made for the run."""
+    out = tmp_path / "new" / "run"
+    common = FT if script == F else PRE
+    r = forkrun.run(script, common + ["--output_dir", str(out)] + flags, tmp_path)
+    one_line(r, fragment)
+    assert not (tmp_path / "new").exists()
+
+
+def _failing_checks(script, flags):
+    """The `_ranges` / `_choices` entries that `flags` fail, as ("ranges", i) / ("choices", i)
+    (the entries both scripts share come first in each list, so they have the same keys), the
+    keys of all entries, and the parsed args."""
+    import main_finetune
+    import main_pretrain
+    from util.config import parse_args
+    from util.validate import _choices, _ranges
+    module, kind, common = (main_finetune, "finetune", FT) if script == F else (main_pretrain, "pretrain", PRE)
+    args = parse_args(module.get_args_parser(), common + ["--output_dir", "unused"] + flags)
+    entries = [(("ranges", i), c) for i, c in enumerate(_ranges(args, kind))] + \
+              [(("choices", i), c) for i, c in enumerate(_choices(args, kind))]
+    failing = {key for key, c in entries if (c() if callable(c) else (None if c[0] else c[1]))}
+    return failing, {key for key, _ in entries}, args
+
+
+def test_range_rows_cover_every_check():
+    """Each entry of `_ranges` and `_choices` fails for at least one row of RANGE_ROWS or ROWS
+    (a check both scripts share, with either script), so a check added there without a row here
+    fails this test. An entry for a flag the script does not have (--ratio) cannot fail."""
+    from util.validate import _ranges
+    covered = set()
+    for _id, script, flags, _fragment in RANGE_ROWS + ROWS:
+        if not any("{" in f for f in flags):
+            covered |= _failing_checks(script, flags)[0]
+    for script, kind in ((F, "finetune"), (P, "pretrain")):
+        failing, keys, args = _failing_checks(script, [])
+        assert not failing, "the common flags of the rows must pass every check"
+        absent = {("ranges", i) for i, (_ok, msg) in enumerate(_ranges(args, kind))
+                  if not hasattr(args, msg.split()[0].lstrip("-"))}
+        assert keys - absent - covered == set(), script
+
+
+def test_train_transform_is_built_in_validation(monkeypatch):
+    """A flag combination timm refuses that no explicit check knows ends as one line too."""
+    import util.data
+    from util.errors import UserError
+    from util.validate import check_args
+
+    def refuse(is_train, args):
+        raise AssertionError("timm says no")
+    monkeypatch.setattr(util.data, "build_transform", refuse)
+    _, _, args = _failing_checks(F, [])
+    with pytest.raises(UserError, match=r"timm cannot build the training transform from these flags "
+                                        r"\(AssertionError: timm says no\); check --aa"):
+        check_args(args, "finetune")
+
+
+def test_unreadable_config_is_one_line(tmp_path, monkeypatch):
+    """Permissions cannot be taken away from root, so the read fails on purpose here."""
+    import builtins
+
+    from util.config import load_yaml
+    from util.errors import UserError
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 3\n")
+    real_open = builtins.open
+
+    def no_read(file, *a, **k):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **k)
+    monkeypatch.setattr(builtins, "open", no_read)
+    with pytest.raises(UserError, match=r"cannot be read \(Permission denied\); check its permissions"):
+        load_yaml(str(path))
 
 
 def test_mistake_leaves_no_new_run_folder(w, tmp_path):

@@ -100,10 +100,21 @@ def _find_config(argv):
 
 def load_yaml(path):
     """Read a YAML mapping with yaml.safe_load; user mistakes become UserError."""
+    if os.path.isdir(path):
+        raise UserError(f"config {path} is a directory; give the path of a YAML file")
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"config {path} cannot be read ({e.strerror or e}); check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"config {path} (line {line}): not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                        "save it as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.constructor.ConstructorError as e:
