@@ -120,6 +120,13 @@ def finetune_state_dict(args, ckpt):
     return sd
 
 
+def model_builder(args, nb_classes):
+    """A function that builds this run's model (main; the Slurm launcher's checkpoint check)."""
+    from models import create_model
+    return lambda: create_model(args.model, num_classes=nb_classes, drop_path_rate=args.drop_path,
+                                head_init_scale=args.head_init_scale)
+
+
 @exit_on_user_error
 def main(args, epoch_callback=None, record_extra=None):
     """Train (or with --eval only evaluate). `epoch_callback(epoch, log)` runs after each epoch
@@ -140,9 +147,7 @@ def main(args, epoch_callback=None, record_extra=None):
     from models import create_model
     from util.validate import check_inputs
 
-    def build_model():
-        return create_model(args.model, num_classes=nb_classes, drop_path_rate=args.drop_path,
-                            head_init_scale=args.head_init_scale)
+    build_model = model_builder(args, nb_classes)
     check_inputs(args, train_set, world, build_model)
 
     from util.optim import cosine_schedule, create_optimizer, resolve_lr

@@ -51,6 +51,14 @@ def validate_args(args):
     check_args(args, "pretrain")
 
 
+def model_builder(args, nb_classes=None):
+    """A function that builds this run's FCMAE (main; the Slurm launcher's checkpoint check)."""
+    from models import create_fcmae
+    return lambda: create_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth,
+                                decoder_embed_dim=args.decoder_embed_dim, norm_pix_loss=args.norm_pix_loss,
+                                img_size=args.input_size)
+
+
 @exit_on_user_error
 def main(args, epoch_callback=None, record_extra=None):
     """Pretrain. `epoch_callback(epoch, log)` runs after each epoch on every rank (the
@@ -66,10 +74,7 @@ def main(args, epoch_callback=None, record_extra=None):
     train_set, _ = build_dataset(True, args, transform=build_pretrain_transform(args))
     from util.validate import check_inputs
 
-    def build_model():
-        return create_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth,
-                            decoder_embed_dim=args.decoder_embed_dim, norm_pix_loss=args.norm_pix_loss,
-                            img_size=args.input_size)
+    build_model = model_builder(args)
     check_inputs(args, train_set, world, build_model)
     from util.optim import create_optimizer, resolve_lr
     eff_batch = resolve_lr(args, world)

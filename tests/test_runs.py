@@ -337,3 +337,20 @@ def test_cli_errors(three_runs, tmp_path):
     assert rc == 2 and "matches 3 runs" in err
     rc, out, err = cli(str(tmp_path / "missing"))
     assert rc == 2 and err.startswith("error: no such directory")
+
+
+def test_writes_that_fail_end_in_one_line(tmp_path):
+    """run.json, config.yaml and log.txt that cannot be written (a full disk, a folder in the
+    way) are user errors with the path and the fix, not tracebacks."""
+    from util.errors import UserError
+    from util.logger import append_json_log
+    rec = runs.RunRecord(tmp_path, args_of("--runs_root", str(tmp_path)), "finetune")
+    os.makedirs(tmp_path / "run.json")  # the rename onto it fails like a full disk would
+    with pytest.raises(UserError, match=r"could not write .*run\.json \(.*\); free disk space"):
+        rec.start()
+    os.makedirs(tmp_path / "config.yaml")
+    with pytest.raises(UserError, match=r"could not write .*config\.yaml"):
+        save_config(args_of(), str(tmp_path / "config.yaml"))
+    os.makedirs(tmp_path / "log.txt")
+    with pytest.raises(UserError, match=r"could not write .*log\.txt"):
+        append_json_log(str(tmp_path), {"epoch": 0})

@@ -129,9 +129,21 @@ def test_sbatch_refused_where_there_is_no_slurm(tmp_path, monkeypatch, capsys):
     (["--job_dir", "/tmp/x/%j"], "drop the %j"),
     (["--data_set", "image_folder", "--data_path", "/no/such/dir"], "/no/such/dir"),
     (["--finetune", "/no/such.pth"], "/no/such.pth"),  # main's own checks
+    (["--resume", "{tmp}/femto.pth"], "does not match --model: downsample_layers.0.0.weight"),
+    (["--finetune", "{tmp}/femto.pth"], "checkpoint does not fit the model"),
+    (["--data_set", "image_folder", "--data_path", "{tmp}/tree"], "train and val have different classes"),
 ])
 def test_bad_input_one_line(argv, message, tmp_path, monkeypatch, capsys):
+    """Refused before anything is queued, checkpoints against the model and the class folders
+    included."""
+    import torch
+
     import submitit_finetune
+    from models import create_model
+    torch.save({"model": create_model("convnextv2_femto", num_classes=10).state_dict()}, tmp_path / "femto.pth")
+    for split, cls in (("train", "a"), ("train", "b"), ("val", "a"), ("val", "c")):
+        os.makedirs(tmp_path / "tree" / split / cls)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
         submitit_finetune.main(["--cluster", "local", "--nodes", "1", "--ngpus", "1", "--dry_run", *TINY, *argv])

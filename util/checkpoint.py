@@ -1,8 +1,12 @@
 """Checkpoints: atomic save, weights-only load, newest-whole-checkpoint discovery, RNG capture.
 
-A checkpoint holds only tensors and plain Python values (no argparse.Namespace, no numpy
+A checkpoint we write holds only tensors and plain Python values (no argparse.Namespace, no numpy
 objects), so `torch.load(weights_only=True)` reads it and a file carrying pickled code is refused.
+Reading also allows argparse.Namespace, and no other object: the original ConvNeXt V2 code stores
+its arguments as one under "args", and a Namespace only holds attributes (its values are
+unpickled under the same rules).
 """
+import argparse
 import glob
 import os
 import pickle
@@ -24,12 +28,13 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; check the path given to --resume/--finetune")
     try:
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-        except RuntimeError:
-            if not mmap:  # mmap needs the zip format: read older files the ordinary way
-                raise
-            return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:  # mmap needs the zip format: read older files the ordinary way
+                    raise
+                return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
         what = (lines or str(e).splitlines() or [""])[0].strip()[:160]
@@ -73,11 +78,12 @@ def checkpoint_candidates(output_dir):
 
 
 def find_resumable(output_dir):
-    """Return (path, checkpoint) of the newest whole checkpoint, skipping damaged ones."""
+    """Return (path, checkpoint) of the newest whole checkpoint, skipping damaged ones. Read
+    memory-mapped: weighing the candidates holds none of them in memory (8 ranks x a huge model)."""
     best = None
     for path in checkpoint_candidates(output_dir):
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, mmap=True)
         except UserError as e:
             print(f"warning: skipping {path}: {e}", file=sys.stderr)
             continue

@@ -265,4 +265,8 @@ def save_config(args, path):
     header = ("# Resolved config; reuse with --config (command-line flags still win).\n"
               f"# Left out, per launch: {json.dumps(left_out, default=str)}\n")
     text = yaml.safe_dump(data, sort_keys=True, default_flow_style=False, allow_unicode=True)
-    atomic_write_text(path, header + text)
+    try:
+        atomic_write_text(path, header + text)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); free disk space or choose "
+                        "another --output_dir") from None

@@ -6,6 +6,7 @@ import time
 from collections import defaultdict
 
 from util.distributed import is_main_process
+from util.errors import UserError
 
 
 class StepMeter:
@@ -70,5 +71,10 @@ class TensorBoard:
 
 def append_json_log(output_dir, stats):
     if output_dir and is_main_process():
-        with open(os.path.join(output_dir, "log.txt"), "a") as f:
-            f.write(json.dumps(stats) + "\n")
+        path = os.path.join(output_dir, "log.txt")
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(stats) + "\n")
+        except OSError as e:
+            raise UserError(f"could not write {path} ({e.strerror or e}); free disk space or choose "
+                            "another --output_dir; the checkpoints are intact") from None

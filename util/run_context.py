@@ -2,6 +2,7 @@
 checkpoint state (save with every rank's RNG, restore), and the final status."""
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -253,8 +254,11 @@ def run_epochs(args, run_dir, record, tstate, loop, train_loader, resume_at, tra
         print(f"preempted: state saved in {run_dir}; run the same command to resume")
         return {"status": "preempted", "run_dir": run_dir}
     except BaseException as e:  # an exception may name its own status (util/hpo.py: "pruned")
-        record.finish(getattr(e, "run_status", "failed"), reason=f"{type(e).__name__}: {e}",
-                      **({"skipped_steps": loop.skipped_steps} if loop.skipped_steps else {}))
+        try:
+            record.finish(getattr(e, "run_status", "failed"), reason=f"{type(e).__name__}: {e}",
+                          **({"skipped_steps": loop.skipped_steps} if loop.skipped_steps else {}))
+        except UserError as unwritten:  # a full disk: the first error is the one to show
+            print(f"warning: {unwritten}", file=sys.stderr, flush=True)
         raise
     finally:
         loop.tb.close()

@@ -314,8 +314,12 @@ class RunRecord:
 
     def _write(self):
         self.data["updated"] = _now()
-        os.makedirs(self.run_dir, exist_ok=True)
-        atomic_write_json(self.path, self.data)
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            atomic_write_json(self.path, self.data)
+        except OSError as e:
+            raise UserError(f"could not write {self.path} ({e.strerror or e}); free disk space or choose "
+                            "another --output_dir; the checkpoints are intact") from None
 
     def start(self, resumed=False, start_epoch=0, start_step=0, **extra):
         """Mark the run running and append this launch to `restarts`."""

@@ -159,6 +159,29 @@ def check_data(args):
         if needs_val and not os.path.isdir(val):
             raise UserError(f"validation folder {val} does not exist; give --eval_data_path or "
                             "--disable_eval True")
+        if needs_val:  # the class folders' names only, no image listed
+            from util.data import check_same_classes
+            names = [sorted(e.name for e in os.scandir(d) if e.is_dir()) for d in (train, val)]
+            check_same_classes(*(argparse.Namespace(classes=n) for n in names))
+
+
+def check_checkpoints_fit(module, args):
+    """--resume / --finetune fit the model (util/validate.check_checkpoints, shapes only), so a
+    wrong file is found now and not after the job waited in the queue. The number of classes
+    comes from the class folders' names (no image is listed); CIFAR has 100."""
+    if not (args.resume or getattr(args, "finetune", "")) or not hasattr(module, "model_builder"):
+        return
+    from util.validate import check_checkpoints
+    check_checkpoints(args, module.model_builder(args, _class_count(args)))
+
+
+def _class_count(args):
+    if args.data_set == "synthetic":
+        return getattr(args, "synthetic_classes", 10)
+    if args.data_set == "CIFAR":
+        return 100
+    train = os.path.join(args.data_path, "train")
+    return sum(1 for e in os.scandir(train) if e.is_dir())
 
 
 def _run(cmd, timeout=30):
@@ -661,6 +684,7 @@ def launch(kind, module_name, argv=None):
     if hasattr(module, "validate_args"):
         module.validate_args(margs)
     check_data(margs)
+    check_checkpoints_fit(module, margs)
     world = args.nodes * args.ngpus
     if args.cluster == "slurm":
         if shutil.which("sbatch") is None and not args.dry_run:
