@@ -16,10 +16,9 @@ def model_names():
     return list(VARIANTS)
 
 
-def _unknown(name, candidates, what):
+def _unknown(name, candidates, what, choices):
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
-    hint = f"did you mean {', '.join(close)}?" if close else \
-        f"choose one of {', '.join(model_names())} or a timm model name"
+    hint = f"did you mean {', '.join(close)}?" if close else f"choose {choices}"
     return UserError(f"unknown {what} {name!r}; {hint}")
 
 
@@ -30,7 +29,8 @@ def create_model(name, **kwargs):
         return getattr(convnextv2, name)(**kwargs)
     import timm  # only for names that are not ours (slow import)
     if not timm.is_model(name):
-        raise _unknown(name, list(dict.fromkeys(model_names() + timm.list_models())), "model")
+        raise _unknown(name, list(dict.fromkeys(model_names() + timm.list_models())), "model",
+                       f"one of {', '.join(model_names())} or a timm model name")
     kwargs = dict(kwargs)
     kwargs.pop("head_init_scale", None)  # our head init; timm models have their own
     return timm.create_model(name, pretrained=False, **kwargs)
@@ -40,5 +40,6 @@ def create_fcmae(name, **kwargs):
     """Build the FCMAE pretraining model with a `name` encoder (see models.fcmae.FCMAE)."""
     from models import fcmae
     if name not in VARIANTS:
-        raise _unknown(name, model_names(), "FCMAE model")
+        raise _unknown(name, model_names(), "FCMAE model", "one of our ConvNeXt V2 encoders, "
+                       f"{', '.join(model_names())} (FCMAE takes no timm models)")
     return getattr(fcmae, name)(**kwargs)

@@ -6,7 +6,9 @@ Takes, and turns into `ConvNeXtV2` names and shapes:
 - an official sparse (MinkowskiEngine) FCMAE state dict: `kernel` tensors, `.ln.`/`.linear.`
   name parts, GRN and biases as [1, dim];
 - an official dense `*_fcmae.pt` (dense names, maybe under `encoder.`, GRN [1, dim]).
-Anything it cannot place is an error, not a silently skipped key.
+Anything it cannot place is an error, not a silently skipped key. These conversions apply to
+our `ConvNeXtV2` only: a timm model (`--model resnet18`, timm's own `convnextv2_*`) already uses
+its own names, so its checkpoints only lose wrapper prefixes (see `state_dict_for`).
 
 CLI: python -m models.weights to_timm IN OUT [--model-key model|module]
 """
@@ -21,7 +23,7 @@ import torch
 from util.errors import UserError, exit_on_user_error
 
 DECODER_PREFIXES = ("proj.", "decoder.", "pred.", "mask_token")
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, a wrapping module
 DEFAULT_MODEL_KEY = "model|module"
 
 
@@ -55,9 +57,11 @@ def load_file(path, model_key=DEFAULT_MODEL_KEY):
     return pick_state_dict(checkpoint, model_key)
 
 
-def _strip_wrappers(sd):
+def _strip_wrappers(sd, own=()):
+    """Remove a prefix every key carries, unless the model's own keys (`own`) use it too."""
     for prefix in WRAPPER_PREFIXES:
-        if sd and all(k.startswith(prefix) for k in sd):
+        if sd and all(k.startswith(prefix) for k in sd) and \
+                not any(k.startswith(prefix) for k in own):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 
@@ -109,16 +113,41 @@ def _describe(problems):
     return "; ".join(problems[:3]) + more
 
 
-def check_fit(own, sd, drop_mismatched_head=True, allowed_missing=("head.", "norm.")):
+def is_ours(model):
+    """True for our ConvNeXtV2 (models/convnextv2.py), the only model the conversions are for."""
+    from models.convnextv2 import ConvNeXtV2
+    return isinstance(model, ConvNeXtV2)
+
+
+def classifier_prefixes(model):
+    """Key prefixes of the model's classifier, the part a checkpoint for another number of
+    classes cannot fill: `head.` for ours; for a timm model its `pretrained_cfg['classifier']`
+    (`fc` for ResNets, `head.fc` for ConvNeXt, ...) or else the module `get_classifier()` is."""
+    if is_ours(model):
+        return ("head.",)
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if not names and hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        names = [n for n, m in model.named_modules() if m is head and n]
+    names = [names] if isinstance(names, str) else list(names or ["head"])
+    return tuple(f"{n}." for n in names)
+
+
+def check_fit(own, sd, head=("head.",), allowed_missing=("head.", "norm.")):
     """Which entries of the converted `sd` fit `own` (a model's state dict, meta tensors are
-    fine). A head of another shape is dropped with a warning; any other key or shape that
-    does not fit, or a missing key outside `allowed_missing`, raises UserError."""
+    fine). Keys under the `head` prefixes (the classifier) that the model lacks or has in
+    another shape are dropped with a warning; any other key or shape that does not fit, or a
+    missing key outside `allowed_missing` and `head`, raises UserError."""
     problems, placed, dropped = [], {}, []
     for key, value in sd.items():
+        in_head = key.startswith(tuple(head))
         if key not in own:
+            if in_head:
+                dropped.append(f"{key} {tuple(value.shape)}, the model has none")
+                continue
             problems.append(f"unknown key {key}")
         elif tuple(value.shape) != tuple(own[key].shape):
-            if drop_mismatched_head and key.startswith("head."):
+            if in_head:
                 dropped.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
                 continue
             problems.append(f"{key} has shape {tuple(value.shape)}, "
@@ -126,13 +155,13 @@ def check_fit(own, sd, drop_mismatched_head=True, allowed_missing=("head.", "nor
         else:
             placed[key] = value
     if dropped:
-        warnings.warn(f"dropping the checkpoint's head ({'; '.join(dropped)}): the model has "
-                      "another number of classes, its head stays freshly initialised")
+        warnings.warn(f"dropping the checkpoint's classifier head ({'; '.join(dropped)}): the "
+                      "model has another number of classes, its head stays freshly initialised")
     if not placed:
         raise UserError("the checkpoint is neither a ConvNeXt V2 checkpoint (ours or official) "
                         "nor one of this model (no key fits); pass a matching checkpoint")
     missing = [k for k in own if k not in sd]
-    bad_missing = [k for k in missing if not k.startswith(tuple(allowed_missing))]
+    bad_missing = [k for k in missing if not k.startswith(tuple(allowed_missing) + tuple(head))]
     if bad_missing:
         problems.append(f"missing {len(bad_missing)} keys, e.g. {', '.join(bad_missing[:3])}")
     if problems:
@@ -141,12 +170,26 @@ def check_fit(own, sd, drop_mismatched_head=True, allowed_missing=("head.", "nor
     return placed
 
 
-def load_into(model, sd, drop_mismatched_head=True, allowed_missing=("head.", "norm.")):
-    """Load `sd` (any format `encoder_state_dict` takes) into `model`, non-strictly, after
-    `check_fit`. Returns (missing, unexpected) key lists."""
-    placed = check_fit(model.state_dict(), encoder_state_dict(sd), drop_mismatched_head,
-                       allowed_missing)
-    result = model.load_state_dict(placed, strict=False)
+def state_dict_for(model, sd):
+    """`sd` in `model`'s names. Ours: every format `encoder_state_dict` takes. Any other model:
+    only wrapper prefixes come off; the ConvNeXt V2 renames would break keys that are already
+    right (timm's `mlp.grn.weight` is [dim], LeViT's `.linear.` is a real module name)."""
+    if is_ours(model):
+        return encoder_state_dict(sd)
+    return _strip_wrappers(dict(sd), own=model.state_dict())
+
+
+def fit(model, sd):
+    """The entries of checkpoint state dict `sd` that go into `model` (see `check_fit`): ours
+    may lack its head and final norm (a FCMAE encoder has neither), any model its classifier."""
+    allowed = ("head.", "norm.") if is_ours(model) else ()
+    return check_fit(model.state_dict(), state_dict_for(model, sd),
+                     classifier_prefixes(model), allowed)
+
+
+def load_into(model, sd):
+    """Load `sd` into `model`, non-strictly, after `fit`. Returns (missing, unexpected)."""
+    result = model.load_state_dict(fit(model, sd), strict=False)
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
@@ -182,7 +225,7 @@ def to_timm_state_dict(sd):
     with torch.device("meta"):  # shapes only, no memory, no init cost
         ours = ConvNeXtV2(depths=depths, dims=dims, num_classes=num_classes)
         reference = timm.create_model(name, num_classes=num_classes)
-    check_fit(ours.state_dict(), dense, drop_mismatched_head=False)
+    check_fit(ours.state_dict(), dense, head=())
     return checkpoint_filter_fn(dense, reference), name, num_classes
 
 
@@ -198,8 +241,10 @@ def to_timm(src, dst, model_key=DEFAULT_MODEL_KEY):
     if num_classes:
         how = (f"num_classes={num_classes}, pretrained_cfg_overlay=dict(file={str(dst)!r}, "
                f"num_classes={num_classes})")
-    else:  # encoder only: timm loads non-strictly when num_classes differs from its 1000
-        how = f"num_classes=<yours, not 1000>, pretrained_cfg_overlay=dict(file={str(dst)!r})"
+    else:  # encoder only: timm loads non-strictly (head and final norm fresh) when the model's
+        # num_classes differs from the file's; N=0 (features only): leave out the overlay's 0
+        how = (f"num_classes=<yours, 1 or more>, pretrained_cfg_overlay=dict(file={str(dst)!r}, "
+               "num_classes=0)")
     print(f"wrote {dst}; load it with timm.create_model({name!r}, pretrained=True, {how})")
 
 

@@ -307,11 +307,11 @@ def check_checkpoints(args, model_fn):
         ckpt = load_checkpoint(args.finetune, mmap=True)
         if model is not None:
             from main_finetune import finetune_state_dict
-            from models.weights import check_fit, encoder_state_dict
+            from models.weights import fit
             sd = finetune_state_dict(args, ckpt)
             with warnings.catch_warnings():  # the real load warns about a dropped head once
                 warnings.simplefilter("ignore")
                 try:
-                    check_fit(model.state_dict(), encoder_state_dict(sd))
+                    fit(model, sd)  # converts for our ConvNeXt V2 only, as the real load
                 except UserError as e:
                     raise UserError(f"--finetune {args.finetune}: {e}") from None
