@@ -59,6 +59,25 @@ def test_finetune_from_our_pretrain_checkpoint(pretrained):
     assert os.path.exists(pretrained.parent / "ev" / "eval.json")
 
 
+def test_finetune_run_records_its_source_and_lives_where_its_settings_say(pretrained, tmp_path):
+    """A fine-tuning run from the pretraining checkpoint, without --output_dir: it lives in
+    <runs_root>/finetune/<model>-<signature[:10]>/, its run.json names the checkpoint and the
+    pretraining run's signature, and --config <run>/config.yaml names the same run again."""
+    root = tmp_path / "runs"
+    flags = ["--model", "convnextv2_atto", "--data_set", "synthetic", "--input_size", "64",
+             "--synthetic_train_samples", "20", "--synthetic_val_samples", "20", "--batch_size", "10",
+             "--num_workers", "0", "--epochs", "1", "--aa", "none", "--reprob", "0", "--warmup_epochs", "0",
+             "--finetune", str(pretrained / "checkpoint-3.pth")]
+    run("main_finetune.py", flags + ["--runs_root", str(root)])
+    (run_dir,) = (root / "finetune").iterdir()
+    rec = run_record(run_dir)
+    assert run_dir.name == f"convnextv2_atto-{rec['signature'][:10]}" and rec["status"] == "completed"
+    assert rec["finetune_from"] == str(pretrained / "checkpoint-3.pth")
+    assert rec["finetune_from_signature"] == run_record(pretrained)["signature"]
+    again = run("main_finetune.py", ["--config", str(run_dir / "config.yaml"), "--runs_root", str(root)])
+    assert f"run already completed: {run_dir}" in again.stdout
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--input_size", "48"], "multiple of 32"),
     (["--mask_ratio", "1.0"], "--mask_ratio"),

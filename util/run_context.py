@@ -235,7 +235,11 @@ def run_epochs(args, run_dir, record, tstate, loop, train_loader, resume_at, tra
                 tstate.best = {"name": best_name or "train_loss", "value": value, "epoch": epoch}
             tstate.extra["skipped_steps"] = loop.skipped_steps
             save_epoch_checkpoints(args, tstate, epoch, upe, better and bool(evaluated))
-            log.update(epoch_extra() if epoch_extra else {})
+            stop_after_logging = None
+            try:
+                log.update(epoch_extra() if epoch_extra else {})
+            except UserError as e:  # e.g. too many bad images: the epoch still gets its log line
+                stop_after_logging = e
             append_json_log(run_dir, log)
             loop.tb.scalars(epoch, prefix="epoch/", **{k: v for k, v in log.items()
                                                       if isinstance(v, (int, float)) and k != "epoch"})
@@ -243,6 +247,8 @@ def run_epochs(args, run_dir, record, tstate, loop, train_loader, resume_at, tra
             record.update(epoch=epoch + 1, step=0, best_metric=tstate.best,
                           **{k: v for k, v in log.items() if k in ("bad_images", "bad_val_images")},
                           **({"skipped_steps": loop.skipped_steps} if loop.skipped_steps else {}))
+            if stop_after_logging is not None:
+                raise stop_after_logging
             if epoch_callback is not None:
                 epoch_callback(epoch, log)
             if args.save_ckpt and loop.stop is not None and any(du.all_gather_object(bool(loop.stop.requested))):
