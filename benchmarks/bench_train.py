@@ -7,9 +7,15 @@
 
 Contenders are timed round-robin (machine stalls hit all of them), each a median over rounds.
 Engines run through engine_finetune.train_one_epoch / engine_pretrain.train_one_epoch /
-engine_finetune.evaluate themselves, fed from an in-memory loader.
+engine_finetune.evaluate themselves, fed from an in-memory loader. Each contender's very first
+step is timed on its own (one-time costs: allocator, cuDNN autotuning, compilation), and its
+peak memory is measured per contender (see PeakMemory). `forward_gmacs` is counted with
+torch.utils.flop_counter on one forward at batch 1; `mfu` = 3 x 2 x MACs x img/s / the device's
+dense bf16 peak (a table of known GPUs, or --peak_tflops).
 """
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import resource
@@ -17,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,20 +50,156 @@ def _loop_state(amp, steps):
     return LoopState(amp=amp, updates_per_epoch=steps, print_freq=10 ** 9)
 
 
-class Contender:
-    def __init__(self, name, fn, images_per_call):
-        self.name, self.fn, self.images = name, fn, images_per_call
-        self.times, self.faults = [], []
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    def run(self):
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_in_use_fn():
+    """glibc's bytes in use by malloc (heap chunks + mmapped blocks), or None off glibc >= 2.33."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+
+    def in_use():
+        m = mallinfo2()
+        return m.uordblks + m.hblkhd
+    return in_use
+
+
+class PeakMemory:
+    """Memory allocated while one call runs: its peak, and the part above what was allocated
+    when the call began (the step's own working memory: activations, gradients, temporaries;
+    not the weights and optimizer state every contender keeps between calls).
+
+    CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats (exact, no cost: measured
+    on every call). CPU: there is no allocator counter, and the resident set is no measure here
+    (the tuned allocator never gives freed memory back, so RSS only grows); instead glibc's
+    bytes in use by malloc (mallinfo2), sampled every millisecond by a thread, on the warm-up
+    call only, so the sampling never touches a timed call. Peaks between samples can be missed.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.heap = None if device.type == "cuda" else _heap_in_use_fn()
+
+    def measure(self, fn):
+        """Run fn(); return (peak bytes, bytes allocated at the start) or None."""
+        if self.device.type == "cuda":
+            _sync(self.device)
+            start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            fn()
+            _sync(self.device)
+            return torch.cuda.max_memory_allocated(self.device), start
+        if self.heap is None:
+            fn()
+            return None
+        start = self.heap()
+        peak = [start]
+        done = threading.Event()
+
+        def sample():
+            while not done.wait(0.001):
+                peak[0] = max(peak[0], self.heap())
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        try:
+            fn()
+        finally:
+            done.set()
+            t.join()
+        return max(peak[0], self.heap()), start
+
+
+class Contender:
+    def __init__(self, name, fn, first_fn, images_per_call):
+        self.name, self.fn, self.first_fn, self.images = name, fn, first_fn, images_per_call
+        self.times, self.faults = [], []
+        self.first_s = self.warm_s = None
+        self.peak = self.step_mem = None   # bytes
+
+    def record_memory(self, measured):
+        if measured is not None:
+            peak, start = measured
+            self.peak = max(self.peak or 0, peak)
+            self.step_mem = max(self.step_mem or 0, peak - start)
+
+    def run_first(self, device):
+        """The very first step of this contender, timed alone (one-time costs included)."""
+        _sync(device)
         t0 = time.perf_counter()
-        self.fn()
+        self.first_fn()
+        _sync(device)
+        self.first_s = time.perf_counter() - t0
+
+    def warm_up(self, device, mem):
+        """A whole call, untimed (memory is measured from here on: the first step's one-time
+        buffers, e.g. cuDNN's autotuning workspace, are not the step's steady need)."""
+        t0 = time.perf_counter()
+        self.record_memory(mem.measure(self.fn))
+        self.warm_s = time.perf_counter() - t0
+
+    def run(self, device, mem):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        _sync(device)
+        t0 = time.perf_counter()
+        if device.type == "cuda":  # exact and free there; on CPU sampling would disturb the timing
+            self.record_memory(mem.measure(self.fn))
+        else:
+            self.fn()
+        _sync(device)
         self.times.append(time.perf_counter() - t0)
         self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
     def img_per_s(self):
         return self.images / statistics.median(self.times)
+
+
+# dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name() (first match)
+# (NVIDIA data sheets: half the "with sparsity" figure)
+PEAK_BF16_TFLOPS = [
+    ("H200 NVL", 835.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),  # SXM
+    ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("RTX 4090", 165.0), ("RTX 3090", 71.0),   # GeForce: fp16/bf16 with fp32 accumulation
+]
+
+
+def peak_tflops(a, device):
+    """(TFLOP/s, where it came from) or (None, None) when unknown."""
+    if a.peak_tflops:
+        return a.peak_tflops, "--peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tf in PEAK_BF16_TFLOPS:
+            if key in name:
+                return tf, f"table: {name}"
+    return None, None
+
+
+def forward_macs(model, input_size, device, channels_last):
+    """Multiply-accumulates of one forward at batch 1 (torch's FLOP counter: FLOPs / 2;
+    convolutions and matmuls, not norms or activations)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(1, 3, input_size, input_size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / 2
 
 
 def build_contenders(a):
@@ -94,26 +237,32 @@ def build_contenders(a):
     st_pre = _loop_state(amp, a.steps)
     ref = prep(timm.create_model(a.model, num_classes=1000))
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.05)
-    ref_run = torch.compile(ref) if a.compile else ref
+    ref_run = maybe_compile(ref, a.compile)  # the same fallback as ours where compiling fails
 
-    def plain():
+    def plain(bs):
         ref_run.train()
-        for x, y in batches:
+        for x, y in bs:
             with amp.autocast():
                 loss = crit(ref_run(x), y)
             loss.backward()
             ref_opt.step()
             ref_opt.zero_grad(set_to_none=True)
 
+    def finetune(ld):
+        engine_finetune.train_one_epoch(ours_run, crit, ld, ours_opt, device, 0, st)
+
+    def pretrain(ld):
+        engine_pretrain.train_one_epoch(fcmae_run, ld, fcmae_opt, device, 0, st_pre, mask_ratio=0.6)
+
+    def evaluate(ld):
+        engine_finetune.evaluate(ld, ours_run, device, amp, reduce=False, channels_last=a.channels_last)
+
+    one = InMemoryLoader(batches[:1])  # a contender's first step, timed alone
     n = a.steps * a.batch_size
-    return [
-        Contender("finetune", lambda: engine_finetune.train_one_epoch(ours_run, crit, loader, ours_opt, device, 0, st), n),
-        Contender("pretrain", lambda: engine_pretrain.train_one_epoch(fcmae_run, loader, fcmae_opt, device, 0, st_pre,
-                                                                     mask_ratio=0.6), n),
-        Contender("eval", lambda: engine_finetune.evaluate(loader, ours_run, device, amp, reduce=False,
-                                                           channels_last=a.channels_last), n),
-        Contender("plain_timm", plain, n),
-    ], device
+    contenders = [Contender(name, lambda f=f: f(loader), lambda f=f: f(one), n)
+                  for name, f in (("finetune", finetune), ("pretrain", pretrain), ("eval", evaluate))]
+    contenders.append(Contender("plain_timm", lambda: plain(batches), lambda: plain(batches[:1]), n))
+    return contenders, device, ours
 
 
 def bench_engines(a):
@@ -121,31 +270,48 @@ def bench_engines(a):
     from util.speed import tune_allocator
     tuned = tune_allocator(True) if not a.no_malloc_tuning else False
     t0 = time.perf_counter()
-    contenders, device = build_contenders(a)
+    contenders, device, model = build_contenders(a)
+    mem = PeakMemory(device)
     quiet = builtins.print
     builtins.print = lambda *x, **k: None  # evaluate() prints its accuracy line
-    first = {}
     try:
-        for c in contenders:  # warm-up round (compilation, allocator), timed as the first call
-            s = time.perf_counter()
-            c.fn()
-            first[c.name] = time.perf_counter() - s
+        for c in contenders:  # each one's very first step, alone
+            c.run_first(device)
+        for c in contenders:  # a whole warm-up call (allocator, autotuning, shapes), untimed
+            c.warm_up(device, mem)
         for _ in range(a.rounds):
             for c in contenders:
-                c.run()
+                c.run(device, mem)
     finally:
         builtins.print = quiet
+    elapsed = time.perf_counter() - t0
+    macs = forward_macs(model, a.input_size, device, a.channels_last)
     out = {f"{c.name}_img_per_s": round(c.img_per_s(), 2) for c in contenders}
     out.update({f"{c.name}_page_faults_per_step": int(statistics.median(c.faults) / a.steps) for c in contenders})
-    out["first_step_s"] = round(first["finetune"] / a.steps, 3)
-    out["setup_s"] = round(time.perf_counter() - t0 - sum(first.values()) - sum(sum(c.times) for c in contenders), 2)
-    out["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else
-                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["first_step_s"] = round(contenders[0].first_s, 3)  # fine-tuning, as the scripts' first step
+    out.update({f"{c.name}_first_step_s": round(c.first_s, 3) for c in contenders})
+    out["setup_s"] = round(elapsed - sum(c.first_s + c.warm_s + sum(c.times) for c in contenders), 2)
+    mb = 2 ** 20
+    out.update({f"{c.name}_peak_mem_mb": round(c.peak / mb, 1) for c in contenders if c.peak is not None})
+    out.update({f"{c.name}_step_mem_mb": round(c.step_mem / mb, 1) for c in contenders if c.step_mem is not None})
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peaks = [c.peak for c in contenders if c.peak is not None]
+    out["peak_mem_mb"] = round(max(peaks) / mb if peaks else max_rss, 1)
+    out["peak_mem_kind"] = ("cuda_max_memory_allocated" if device.type == "cuda" else
+                            "malloc_in_use_sampled" if peaks else "max_rss")
+    out["max_rss_mb"] = round(max_rss, 1)
+    out["forward_gmacs"] = round(macs / 1e9, 4)
+    tf, tf_from = peak_tflops(a, device)
+    if tf:
+        for key, name in (("mfu", "finetune"), ("plain_timm_mfu", "plain_timm")):
+            out[key] = round(3 * 2 * macs * out[f"{name}_img_per_s"] / (tf * 1e12), 4)
+        out.update(peak_tflops=tf, peak_tflops_from=tf_from)
     f, p = out["finetune_img_per_s"], out["plain_timm_img_per_s"]
     out.update(finetune_vs_plain=round(f / p, 3), pretrain_step_vs_finetune_step=round(f / out["pretrain_img_per_s"], 3),
                eval_vs_finetune=round(out["eval_img_per_s"] / f, 3))
     out.update(model=a.model, input_size=a.input_size, batch_size=a.batch_size, channels_last=a.channels_last,
                compile=a.compile, use_amp=a.use_amp, malloc_tuned=tuned, device=str(device),
+               device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                threads=torch.get_num_threads(), torch=torch.__version__)
     return out
 
@@ -205,6 +371,8 @@ def main():
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--use_amp", action="store_true")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="the device's dense bf16 peak for the MFU estimate (default: a table of known GPUs)")
     p.add_argument("--no_malloc_tuning", action="store_true", help="keep glibc's default allocator settings")
     p.add_argument("--data_pipeline", action="store_true", help="measure JPEG decode + augmentation instead")
     p.add_argument("--data_images", type=int, default=256)

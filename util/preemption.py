@@ -3,6 +3,11 @@
 A signal only sets a flag. At each optimizer step every rank contributes its flag (and rank 0
 its "time for a rolling checkpoint" wish) to an all-reduce launched asynchronously; the result
 is read one step later, so all ranks act on the same step without a blocking host sync.
+
+The flags are CPU tensors reduced over gloo: the default process group when its backend is
+gloo, otherwise (NCCL) a gloo group of all ranks made for them at the first poll. A CUDA tensor
+built from a Python list and read back with bool() would be a host-device copy and sync at
+every optimizer step.
 """
 import signal
 import threading
@@ -25,6 +30,8 @@ class StopSignals:
         self.save_every = save_every_minutes * 60 if save_every_minutes and save_every_minutes > 0 else None
         self.last_save = time.time()
         self._pending = None           # (work, tensor) of the in-flight all-reduce
+        self._group = None             # process group for the flags (None: the default one)
+        self._group_ready = False
         self._previous = {}
 
     def install(self):
@@ -53,15 +60,28 @@ class StopSignals:
         if not (dist.is_available() and dist.is_initialized()):
             stop, save = self._local()
             return bool(stop), bool(save)
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        group = self._flags_group()
         decided = (False, False)
         if self._pending is not None:
             work, t = self._pending
             work.wait()
             decided = (bool(t[0] > 0), bool(t[1] > 0))
-        t = torch.tensor(self._local(), device=device)
-        self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True), t)
+        t = torch.tensor(self._local())  # CPU: no device copy, no device sync
+        self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), t)
         return decided
+
+    @staticmethod
+    def _default_group_takes_cpu():
+        return dist.get_backend() == "gloo"
+
+    def _flags_group(self):
+        """The gloo group the flags travel in. new_group is a collective over all ranks: every
+        rank reaches its first poll at the same optimizer step (the loop polls at the same
+        steps everywhere), so all create it there, in the same order."""
+        if not self._group_ready:
+            self._group = None if self._default_group_takes_cpu() else dist.new_group(backend="gloo")
+            self._group_ready = True
+        return self._group
 
     def saved(self):
         self.last_save = time.time()

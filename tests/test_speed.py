@@ -1,0 +1,122 @@
+"""Speed features (issue 7): the --compile fallback, the preemption flags' own gloo group, and
+the training benchmark's JSON."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, TINY, _free_port, command, run_record, script_env, weights
+
+
+@pytest.mark.slow
+def test_compile_falls_back_to_eager_where_compiling_cannot_work(tmp_path):
+    """Compilation fails at the first forward (here: no C++ compiler for inductor on CPU), not in
+    torch.compile(): the run says so in one line and trains eagerly to the end."""
+    env = dict(script_env(), CXX="/nonexistent/g++",
+               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))  # no kernel compiled earlier
+    out = tmp_path / "run"
+    p = subprocess.run(command("main_finetune.py", TINY + ["--epochs", "1", "--batch_size", "16",
+                                                          "--compile", "--output_dir", str(out)]),
+                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    text = p.stdout + p.stderr
+    assert p.returncode == 0, text[-3000:]
+    warnings = [line for line in text.splitlines() if line.startswith("warning: --compile:")]
+    assert len(warnings) == 1, text[-3000:]
+    assert "InvalidCxxCompiler" in warnings[0] and "running eagerly" in warnings[0]
+    assert "Traceback" not in text
+    assert run_record(out)["status"] == "completed"
+    keys = list(weights(out / "checkpoint-0.pth"))
+    assert keys and not any("_orig_mod" in k for k in keys)
+
+
+_FLAGS_WORKER = r"""
+import json
+import torch.distributed as dist
+from util.preemption import StopSignals
+
+dist.init_process_group("gloo")
+
+
+class OwnGroup(StopSignals):  # what an NCCL default group gets
+    @staticmethod
+    def _default_group_takes_cpu():
+        return False
+
+
+result = {}
+for name, cls in (("default", StopSignals), ("own", OwnGroup)):
+    s = cls(save_every_minutes=0, rank=dist.get_rank())
+    decided = []
+    for step in range(4):
+        if step == 1 and dist.get_rank() == 1:
+            s.requested = "SIGTERM"      # what the signal handler sets
+        decided.append(list(s.poll()))
+    result[name] = {"decided": decided, "device": s._pending[1].device.type,
+                    "group": None if s._group is None else dist.get_backend(s._group)}
+    s.drain()
+dist.destroy_process_group()
+print(json.dumps(result))
+"""
+
+
+def test_stop_flags_travel_on_cpu_in_their_own_gloo_group():
+    """Under NCCL the flags go through a gloo group of their own (no CUDA tensor, no device
+    sync per step); both ways every rank decides the same, one optimizer step after the flag."""
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", _FLAGS_WORKER], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(script_env(), RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port)) for r in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    lagged = [[False, False], [False, False], [True, False], [True, False]]
+    for r in results:
+        assert r["default"] == {"decided": lagged, "device": "cpu", "group": None}
+        assert r["own"] == {"decided": lagged, "device": "cpu", "group": "gloo"}
+
+
+def _bench():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_train
+    finally:
+        sys.path.pop(0)
+    return bench_train
+
+
+def test_bench_train_smoke():
+    """The smallest benchmark run: every contender's rate, memory, first step and the MACs.
+    64 px: the smallest size FCMAE can mask at (a 32 px input leaves its last stage 1x1)."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"), "--input_size", "64",
+                        "--batch_size", "2", "--steps", "1", "--rounds", "1", "--peak_tflops", "1", "--json"],
+                       env=script_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    names = ("finetune", "pretrain", "eval", "plain_timm")
+    keys = ["peak_mem_mb", "first_step_s", "forward_gmacs", "mfu", "plain_timm_mfu", "max_rss_mb"]
+    keys += [f"{n}_{k}" for n in names for k in ("img_per_s", "first_step_s", "peak_mem_mb", "step_mem_mb")]
+    for k in keys:
+        assert isinstance(out.get(k), (int, float)) and out[k] > 0, (k, out.get(k))
+    assert out["peak_mem_mb"] == max(out[f"{n}_peak_mem_mb"] for n in names)
+    assert out["first_step_s"] == out["finetune_first_step_s"]
+    # convnextv2_atto: 0.55 GMACs at 224 px (timm's figure), so (64/224)^2 of it here
+    assert out["forward_gmacs"] == pytest.approx(0.55 * (64 / 224) ** 2, rel=0.05)
+
+
+def test_mfu_peak_table(monkeypatch):
+    bench = _bench()
+    a = argparse.Namespace(peak_tflops=None)
+    assert bench.peak_tflops(a, torch.device("cpu")) == (None, None)  # no mfu without a peak
+    for name, tf in (("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                     ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce RTX 3090", 71.0), ("NVIDIA L40", 181.0),
+                     ("NVIDIA L4", 121.0), ("Some Future GPU", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert bench.peak_tflops(a, torch.device("cuda"))[0] == tf, name
+    assert bench.peak_tflops(argparse.Namespace(peak_tflops=123.0), torch.device("cuda")) == (123.0, "--peak_tflops")
