@@ -104,6 +104,7 @@ def test_sigkill_at_20_moments_always_resumes_from_a_whole_checkpoint(tmp_path):
               f"  lost {r['lost']}  {'(mid-write)' if r['mid_write'] else ''}")
     # and the run finishes: the epoch in progress is its last one
     e = newest // 8 + 1
+    _checkpoints_only(run_dir)  # shortened to end here: another --epochs than the folder's config
     r = forkrun.run("main_finetune.py", [a if a != "50" else str(e) for a in args], tmp_path)
     assert r.returncode == 0 and run_record(run_dir)["status"] == "completed", r.stderr[-2000:]
 
@@ -117,6 +118,15 @@ def rolling_run(tmp_path_factory):
                                              "--save_ckpt_minutes", "0.00001", "--output_dir", d / "run"], d)
     assert r.returncode == 0, r.stderr[-2000:]
     return d / "run"
+
+
+def _checkpoints_only(run_dir):
+    """Leave the folder's checkpoints, drop its config.yaml and run.json: a launch with other
+    settings (more epochs) may then continue from them (otherwise it is refused, and a completed
+    run is only reported)."""
+    for name in ("config.yaml", "run.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    return run_dir
 
 
 def _tmpfs(path, size):
@@ -136,7 +146,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(rolling_run, tmp_
     mounted = _tmpfs(disk, used + size // 2)
     try:
         run_dir = disk / "run" if mounted else tmp_path / "run"
-        shutil.copytree(rolling_run, run_dir)
+        _checkpoints_only(shutil.copytree(rolling_run, run_dir))
         before = {c: (run_dir / c).read_bytes() for c in _ckpts(run_dir)}
         r = forkrun.run("main_finetune.py", FT + ["--epochs", "2", "--disable_eval", "True", "--save_ckpt_minutes",
                                                  "0.00001", "--output_dir", run_dir], tmp_path,
@@ -157,8 +167,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(rolling_run, tmp_
 
 
 def test_truncated_checkpoint_is_skipped_by_auto_resume(rolling_run, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(rolling_run, run_dir)
+    run_dir = _checkpoints_only(shutil.copytree(rolling_run, tmp_path / "run"))
     newest = run_dir / "checkpoint-0.pth"
     newest.write_bytes(newest.read_bytes()[: os.path.getsize(newest) // 2])
     r = forkrun.run("main_finetune.py", FT + ["--epochs", "1", "--disable_eval", "True", "--output_dir", run_dir],
