@@ -29,9 +29,19 @@ def command(script, args, nproc=1):
             "--master_port", str(_free_port()), os.path.join(ROOT, script), *args]
 
 
-def run(script, args, nproc=1, check=True, timeout=300, cwd=None):
-    p = subprocess.run(command(script, args, nproc), env=script_env(), capture_output=True, text=True,
-                       timeout=timeout, cwd=cwd or ROOT)
+def run(script, args, nproc=1, check=True, timeout=300, cwd=None, fresh=False):
+    """Run a script to the end. One process: forked from tests/forkrun.py's server (imports
+    done, ~5 s less per launch) unless `fresh` asks for a new interpreter; several: torchrun."""
+    if nproc == 1 and not fresh:
+        import pathlib
+        import tempfile
+
+        from tests import forkrun
+        with tempfile.TemporaryDirectory(prefix="run-") as logs:
+            p = forkrun.run(script, [str(a) for a in args], pathlib.Path(logs), cwd=cwd or ROOT, timeout=timeout)
+    else:
+        p = subprocess.run(command(script, args, nproc), env=script_env(), capture_output=True, text=True,
+                           timeout=timeout, cwd=cwd or ROOT)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

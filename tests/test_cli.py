@@ -14,7 +14,7 @@ ORIGINAL_FINETUNE = """--model convnextv2_base --batch_size 32 --update_freq 4 -
 
 @pytest.mark.parametrize("script", ["main_finetune.py", "main_pretrain.py"])
 def test_help_works(script):
-    p = run(script, ["--help"])
+    p = run(script, ["--help"], fresh=True)  # a new interpreter, as a user types it
     assert "usage:" in p.stdout and "--batch_size" in p.stdout and "--device" in p.stdout
 
 

@@ -362,7 +362,7 @@ def test_argparse_errors_exit_2_without_traceback(w, tmp_path):
 def test_fresh_interpreter_same_line(w):
     before = snapshot(w["base"])
     r = run("main_pretrain.py", PRE + ["--output_dir", str(w["base"]), "--config", str(w["d"] / "python_tag.yaml")],
-            check=False)
+            check=False, fresh=True)
     one_line(r, "Python tags")
     assert snapshot(w["base"]) == before and not os.path.exists(w["marker"])
 

@@ -29,10 +29,22 @@ def _stop_midway(args, nproc, sig, at_step=5):
     return "".join(lines)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """reference(nproc): the run that never stopped, made once per process count."""
+    made = {}
+
+    def get(nproc):
+        if nproc not in made:
+            made[nproc] = tmp_path_factory.mktemp(f"ref{nproc}") / "run"
+            run("main_finetune.py", ARGS + ["--output_dir", str(made[nproc])], nproc=nproc)
+        return made[nproc]
+    return get
+
+
 @pytest.mark.parametrize("nproc,sig", [(1, signal.SIGTERM), (2, signal.SIGTERM), (1, signal.SIGUSR2)])
-def test_preempted_run_resumes_bit_identical(tmp_path, nproc, sig):
-    ref = tmp_path / "ref"
-    run("main_finetune.py", ARGS + ["--output_dir", str(ref)], nproc=nproc)
+def test_preempted_run_resumes_bit_identical(tmp_path, reference, nproc, sig):
+    ref = reference(nproc)
     cut = tmp_path / "cut"
     out = _stop_midway(ARGS + ["--output_dir", str(cut)], nproc, sig)
     rec = run_record(cut)
@@ -58,14 +70,14 @@ def test_resume_mid_epoch_with_another_batch_split(tmp_path):
     """Stopped at batch 8 x 1, resumed as batch 4 x update_freq 2 (the same global batch, as on
     a machine with half the memory): it continues after the samples already used, neither
     replaying nor skipping any, and ends where a run that never stopped ends (float tolerance)."""
-    common = TINY + ["--synthetic_train_samples", "192", "--epochs", "1", "--disable_eval", "True",
+    common = TINY + ["--synthetic_train_samples", "96", "--epochs", "1", "--disable_eval", "True",
                      "--opt", "sgd", "--blr", "0.5"]
     ref = tmp_path / "ref"
     run("main_finetune.py", common + ["--batch_size", "8", "--output_dir", str(ref)])
     cut = tmp_path / "cut"
     out = _stop_midway(common + ["--batch_size", "8", "--output_dir", str(cut)], 1, signal.SIGTERM)
     step = torch.load(cut / "checkpoint-last.pth", map_location="cpu", weights_only=True)["step"]
-    assert run_record(cut)["status"] == "preempted" and 5 <= step < 24, out[-2000:]
+    assert run_record(cut)["status"] == "preempted" and 5 <= step < 12, out[-2000:]
     r = run("main_finetune.py", common + ["--batch_size", "4", "--update_freq", "2", "--output_dir", str(cut)])
     assert f"continues at step {2 * step} (same {8 * step} samples consumed)" in r.stdout
     a, b = weights(ref / "checkpoint-0.pth"), weights(cut / "checkpoint-0.pth")
@@ -77,8 +89,9 @@ def test_signal_after_the_last_step_stops_at_the_epoch_end(tmp_path):
     """SIGTERM once the epoch's last step is logged (during the evaluation): the run saves the
     epoch, stops before the next one and is marked preempted; started again, it goes on with
     the next epoch."""
-    args = ARGS + ["--synthetic_val_samples", "1024", "--output_dir", str(tmp_path / "run")]
-    out = _stop_midway(args, 1, signal.SIGTERM, at_step=24)
+    args = ARGS + ["--synthetic_train_samples", "64", "--synthetic_val_samples", "1024",
+                   "--output_dir", str(tmp_path / "run")]
+    out = _stop_midway(args, 1, signal.SIGTERM, at_step=8)
     rec = run_record(tmp_path / "run")
     assert (rec["status"], rec["reason"]) == ("preempted", "stopped after epoch 0"), out[-2000:]
     assert [e["epoch"] for e in read_log(tmp_path / "run")] == [0]
