@@ -6,7 +6,6 @@ import os
 import threading
 import time
 
-from util.atomic import missing_dirs
 from util.errors import UserError
 from util.hpo import (Outcome, TrialTask, _fmt_params, best_value, prepare, run_study, study_dir, summarize,
                       trial_args, wait_for_twins)
@@ -93,9 +92,8 @@ def slurm_launcher(kind, args, margs, spec, sdir, poll_s=2.0):
             task = TrialTask(kind, margs, spec, job, sdir, margs.storage, stop_on_setup_error=False)
             while True:
                 targs = trial_args(margs, spec, job.params)
-                new_dirs = missing_dirs(os.path.join(getattr(margs, "runs_root", None) or runs.DEFAULT_ROOT, kind))
-                try:
-                    run_dir, folder = slurm.resolve_run(targs, args, kind, world)
+                try:  # undo_dirs: what to remove again if sbatch refuses the job
+                    run_dir, folder, undo_dirs = slurm.resolve_new_run(targs, args, kind, world)
                 except runs.RunCompleted as done:  # these settings ran to the end before: reuse
                     value, epoch = best_value(spec, done.run_dir)
                     ok = value is not None
@@ -103,8 +101,6 @@ def slurm_launcher(kind, args, margs, spec, sdir, poll_s=2.0):
                                              None if ok else f"no finite {spec.metric} in its log", reused=True),
                                      storage)
                 task.run_dir = run_dir
-                # what to remove again if sbatch refuses the job: a fresh, still empty run directory
-                undo_dirs = ([] if os.listdir(run_dir) else [run_dir]) + new_dirs
                 busy = slurm.active_job(run_dir)
                 if not busy:
                     break

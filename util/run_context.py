@@ -44,8 +44,8 @@ class AlreadyCompleted(SystemExit):
 
 def open_run(args, kind, world_size, extra=None):
     """Pick the run directory (rank 0 decides, all ranks agree; a refusal stops every rank),
-    write config.yaml (not for --eval) and start the run record. Returns (run_dir, record) or exits 0 (AlreadyCompleted) when the run already
-    completed."""
+    write config.yaml (not for --eval) and start the run record. Returns (run_dir, record) or
+    exits 0 (AlreadyCompleted) when the run already completed."""
     decision = None
     if du.is_main_process():
         try:

@@ -244,8 +244,9 @@ def _node_resources(partition):
 
 def check_partition(args):
     """Refuse what the partition cannot give (nodes, time, CPUs, memory or GPUs per node) before
-    queueing. Without --gpus_per_node, a partition whose nodes have no GPUs gets no GPU request. `--partition a,b` (Slurm's "any of these") passes when one of them fits. Returns
-    the partition names checked, or None when Slurm cannot be asked (then sbatch decides)."""
+    queueing. Without --gpus_per_node, a partition whose nodes have no GPUs gets no GPU request.
+    `--partition a,b` (Slurm's "any of these") passes when one of them fits. Returns the
+    partition names checked, or None when Slurm cannot be asked (then sbatch decides)."""
     parts = partitions()
     if parts is None:
         return None
@@ -259,20 +260,20 @@ def check_partition(args):
         if not names:
             raise UserError(f"this cluster has no default partition; pass --partition "
                             f"({', '.join(sorted(parts))})")
+    resources = {name: _node_resources(name) for name in names}  # sinfo, once per partition
     if args.gpus_per_node < 0:  # not given: CPU-only partitions get no GPU request
-        resources = [_node_resources(name) for name in names]
-        if all(r is not None and not r[2] for r in resources):
+        if all(r is not None and not r[2] for r in resources.values()):
             args.gpus_per_node = 0
             print(f"note: partition {','.join(names)} has no GPUs: requesting none; --ngpus "
                   f"{args.ngpus} is the number of processes per node")
-    problems = [_partition_problem(args, name, parts[name]) for name in names]
+    problems = [_partition_problem(args, name, parts[name], resources[name]) for name in names]
     if all(problems):
         raise UserError(problems[0])
     return names
 
 
-def _partition_problem(args, name, info):
-    """Why the request does not fit partition `name`, or None."""
+def _partition_problem(args, name, info, res):
+    """Why the request does not fit partition `name` (scontrol's `info`, sinfo's `res`), or None."""
     total = int(info.get("TotalNodes", "0") or 0)
     max_nodes = info.get("MaxNodes", "UNLIMITED")
     limit = total if max_nodes in ("UNLIMITED", "") else min(total, int(max_nodes))
@@ -282,7 +283,6 @@ def _partition_problem(args, name, info):
     if max_time is not None and args.timeout > max_time:
         return (f"--timeout {args.timeout} min is above partition {name}'s MaxTime "
                 f"{info.get('MaxTime')} ({max_time:g} min); ask for less time")
-    res = _node_resources(name)
     if res is None:
         return None
     cpus, mem_mb, has_gpus = res
@@ -321,6 +321,16 @@ def resolve_run(margs, args, kind, world_size):
     if job_dir_is_logs:
         return run_dir, os.path.join(os.path.abspath(args.job_dir), "%j")
     return run_dir, os.path.join(run_dir, "slurm", "%j")
+
+
+def resolve_new_run(margs, args, kind, world_size):
+    """resolve_run, plus the folders it made (deepest first, the run directory itself when it is
+    empty): what to remove again when nothing gets submitted."""
+    from util import runs
+    made = missing_dirs(margs.output_dir or args.job_dir or
+                        os.path.join(getattr(margs, "runs_root", None) or runs.DEFAULT_ROOT, kind))
+    run_dir, folder = resolve_run(margs, args, kind, world_size)
+    return run_dir, folder, ([] if os.listdir(run_dir) else [run_dir]) + made
 
 
 def _job_record_path(run_dir):
@@ -694,14 +704,11 @@ def launch(kind, module_name, argv=None):
         from util.hpo import optimize_slurm
         return optimize_slurm(kind, args, margs)
 
-    new_dirs = missing_dirs(margs.output_dir or args.job_dir or
-                            os.path.join(getattr(margs, "runs_root", None) or runs.DEFAULT_ROOT, kind))
     try:
-        run_dir, folder = resolve_run(margs, args, kind, world)
+        run_dir, folder, undo_dirs = resolve_new_run(margs, args, kind, world)
     except runs.RunCompleted as done:
         print(str(done))
         return 0
-    undo_dirs = ([] if os.listdir(run_dir) else [run_dir]) + new_dirs  # what to remove if nothing is submitted
     busy = active_job(run_dir)
     if busy:
         how = "pass --force to start a fresh run beside it" if not (args.output_dir or args.job_dir) \
