@@ -61,7 +61,7 @@ def _watch(p, fifo, kill_after=None):
 def test_sigkill_at_20_moments_always_resumes_from_a_whole_checkpoint(tmp_path):
     """One run, killed with SIGKILL 20 times and started again each time: after a progress line
     (random k; the kill lands in the step's checkpoint write or the next step) or halfway
-    through the n-th checkpoint write (the process kills itself there: SUITE_TEST_KILL_IN_WRITE).
+    through the n-th checkpoint write (the process kills itself there: tests/kill_in_write.py).
     Checkpoints are written at every step, so writes are always close. Each restart must resume
     from the newest whole checkpoint, never see a damaged one, and lose at most the steps since
     that checkpoint."""
@@ -76,8 +76,10 @@ def test_sigkill_at_20_moments_always_resumes_from_a_whole_checkpoint(tmp_path):
         last = trial == 20
         in_write = not last and rng.random() < 0.4
         k, n = rng.randint(1, 5), rng.randint(1, 4)
-        env = {"SUITE_TEST_KILL_IN_WRITE": str(n)} if in_write else None
-        p = forkrun.start("main_finetune.py", args, fifo, env=env)
+        if in_write:  # the same run, through the wrapper that kills it in its n-th checkpoint write
+            p = forkrun.start("tests/kill_in_write.py", [n, "main_finetune.py", *args], fifo)
+        else:
+            p = forkrun.start("main_finetune.py", args, fifo)
         lines, reached, resumed = _watch(p, fifo, kill_after=None if in_write else (1 if last else k))
         text = "".join(lines)
         assert "warning: skipping" not in text and "Traceback" not in text, text[-3000:]
