@@ -1,4 +1,5 @@
-"""The built-in dataset, transforms, samplers and ImageFolder error handling."""
+"""The built-in dataset, transforms, samplers, ImageFolder error handling and the registry's
+checks (util/data/)."""
 import argparse
 import os
 
@@ -7,10 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from util.data import (EvalSampler, SeededTransform, TrainSampler, build_dataset, build_transform,
-                       check_same_classes)
+from util.data import (EvalSampler, SeededTransform, SyntheticShapes, TrainSampler, build_dataset, build_transform,
+                       check_same_classes, posterize_zero_bits_safe)
 from util.errors import UserError
-from util.synthetic import SyntheticShapes
 
 
 def make_args(**kw):
@@ -105,9 +105,22 @@ def test_default_randaugment_survives_many_samples():
         import random
         random.seed(i)
         assert t(img).shape == (3, 32, 32)
-    import timm.data.auto_augment as aa
-    black = aa.posterize(img, 0)
+    black = posterize_zero_bits_safe(img, 0)  # as Pillow < 13 did; Pillow 13 raises
     assert np.asarray(black).max() == 0
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "original", "augmix-m5-w3"])
+def test_posterize_is_guarded_without_patching_timm(policy):
+    """The built transform's posterize ops are ours; timm's module is left as it was."""
+    import timm.data.auto_augment as aa
+
+    from util.data.transforms import _augment_ops
+    before, table = aa.posterize, dict(aa.NAME_TO_OP)
+    t = build_transform(True, make_args(aa=policy))
+    assert aa.posterize is before and aa.NAME_TO_OP == table
+    assert aa.NAME_TO_OP["PosterizeIncreasing"] is before and before.__module__ == "timm.data.auto_augment"
+    posterize = [op for op in _augment_ops(t) if op.name.startswith("Posterize")]
+    assert posterize and all(op.aug_fn is posterize_zero_bits_safe for op in posterize)
 
 
 def _default_finetune_args():

@@ -1,0 +1,106 @@
+"""Unreadable images: the list of those met (`BadImageLog`) and the dataset behaviour that
+replaces one by the next readable image (`ReplacesUnreadable`), shared by every kind of dataset
+that reads image files (image folders, CSV file lists)."""
+import os
+import sys
+
+from util.errors import UserError
+
+
+class BadImageLog:
+    """Records unreadable images in `<path>`, one line each, appended by any worker process:
+    `<split>\t<image path>\t<error>`, split `train` or `val` (a replaced validation image biases
+    the accuracy, so it is counted too). Lines written before the split column read as train."""
+
+    SPLITS = ("train", "val")
+
+    def __init__(self, path=None, split="train"):
+        self.path, self.split = path, split
+
+    def add(self, image_path, err):
+        what = "another validation sample" if self.split == "val" else "another sample"
+        error = " ".join(f"{type(err).__name__}: {err}".split())  # one line, no tabs
+        sys.stderr.write(f"warning: unreadable image {image_path} ({error}); using {what} in its place\n")
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(f"{self.split}\t{image_path}\t{error}\n")
+
+    def entries(self):
+        if not self.path or not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+
+    @classmethod
+    def parse(cls, line):
+        """(split, image path, error) of one line."""
+        parts = line.split("\t")
+        if len(parts) >= 3 and parts[0] in cls.SPLITS:
+            return parts[0], parts[1], "\t".join(parts[2:])
+        return "train", parts[0], "\t".join(parts[1:])
+
+    def found(self):
+        """The distinct (split, image path) pairs listed, sorted: each epoch meets a bad file again."""
+        return sorted({self.parse(e)[:2] for e in self.entries()})
+
+    @classmethod
+    def recheck(cls, path, loader=None):
+        """At launch, before any image is read: keep on the list only the images that are still
+        unreadable (one line each); fixed or removed ones leave it, so a run stopped by
+        --max_bad_images resumes once they are fixed. The list as it was is kept beside it as
+        `<name>.previous.txt`. Returns the (split, image path) pairs still listed."""
+        if not os.path.exists(path):
+            return []
+        if loader is None:
+            from torchvision.datasets.folder import default_loader as loader
+        kept, seen = [], set()
+        for line in cls(path).entries():
+            split, image, _ = cls.parse(line)
+            if (split, image) in seen:
+                continue
+            seen.add((split, image))
+            if os.path.exists(image) and not _readable(image, loader):
+                kept.append(line if line.startswith(f"{split}\t") else f"{split}\t{line}")
+        from util.atomic import atomic_write_text
+        root, ext = os.path.splitext(path)
+        os.replace(path, f"{root}.previous{ext}")
+        if kept:
+            atomic_write_text(path, "".join(k + "\n" for k in kept))
+        return sorted(cls.parse(k)[:2] for k in kept)
+
+
+def _load(loader, path):
+    """The image, decoded now: PIL opens lazily, so a damaged file fails here, not in a transform."""
+    sample = loader(path)
+    sample.load() if hasattr(sample, "load") else None
+    return sample
+
+
+def _readable(path, loader):
+    try:
+        _load(loader, path)
+        return True
+    except Exception:
+        return False
+
+
+class ReplacesUnreadable:
+    """For a dataset with `samples` ((image path, target) pairs), `loader` and `transform`:
+    an unreadable image is replaced by the next readable one and logged to `bad_log` (the run
+    directory's list once util/run_context.attach_bad_image_log set it)."""
+
+    bad_log = BadImageLog()
+
+    def __getitem__(self, index):
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            path, target = self.samples[i]
+            try:
+                sample = _load(self.loader, path)
+            except Exception as e:  # corrupt or unreadable file: a user's data, not our fault
+                self.bad_log.add(path, e)
+                continue
+            if self.transform is not None:
+                sample = self.transform(sample)
+            return sample, target
+        raise UserError("no readable image in the dataset; check the files under the data path")

@@ -1,0 +1,79 @@
+"""What every kind of dataset provides (`DataKind`) and the checks the kinds share.
+
+A kind is one entry of the registry in util/data/__init__.py. It owns how its training and
+validation sets are built, its class count, and the checks that need no image: `check_paths`
+(the paths given exist and can be read; the scripts' flag checks) and `check` (what a launcher
+verifies before queueing a job, without listing a whole dataset on the submitting machine).
+"""
+import os
+
+from util.errors import UserError
+
+
+class DataKind:
+    """A dataset kind read from `--data_path` (a folder, unless a kind says otherwise)."""
+
+    name = ""
+    needs_data_path = True
+    data_path_help = "a folder with train/ and val/"
+
+    def build(self, is_train, args, transform):
+        """(dataset, number of classes) of the training or the validation split."""
+        raise NotImplementedError
+
+    def num_classes(self, args):
+        """The class count, found without reading an image."""
+        raise NotImplementedError
+
+    def check_paths(self, args):
+        """--data_path and --eval_data_path, where given, are folders that can be read."""
+        if self.needs_data_path and args.data_path:
+            readable_dir(args.data_path, "--data_path")
+        if getattr(args, "eval_data_path", None):
+            readable_dir(args.eval_data_path, "--eval_data_path")
+
+    def check(self, args):
+        """The cheap part of `build`'s checks, made by a launcher before queueing."""
+        self.require_data_path(args)
+        if not os.path.isdir(args.data_path):
+            raise UserError(f"--data_path {args.data_path} does not exist (or is not a folder); "
+                            "give the dataset root, reachable from the compute nodes")
+
+    def require_data_path(self, args):
+        if not args.data_path:
+            raise UserError(f"--data_set {args.data_set} needs --data_path ({self.data_path_help}); "
+                            "or use --data_set synthetic")
+
+
+def needs_val(args):
+    """Whether the run evaluates (fine-tuning without --disable_eval, or --eval); pretraining never."""
+    return not (getattr(args, "disable_eval", True) and not getattr(args, "eval", False))
+
+
+def readable_dir(path, flag):
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: no such directory")
+    try:
+        os.listdir(path)
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be read ({e.strerror}); check its permissions") from None
+
+
+def readable_file(path, flag, what):
+    """`what`: the fix, e.g. "give the path of the training CSV"."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file; {what}")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be read ({e.strerror}); check its permissions") from None
+
+
+def check_same_classes(train_ds, val_ds):
+    a, b = getattr(train_ds, "classes", None), getattr(val_ds, "classes", None)
+    if a is not None and b is not None and list(a) != list(b):
+        only_train = sorted(set(a) - set(b))[:3]
+        only_val = sorted(set(b) - set(a))[:3]
+        raise UserError(f"train and val have different classes (only in train: {only_train}, "
+                        f"only in val: {only_val}); both folders need the same class folders")

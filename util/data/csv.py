@@ -1,0 +1,115 @@
+"""--data_set csv: images listed in CSV files, `--data_path train.csv --eval_data_path val.csv`.
+
+Each file has a header row naming the columns `path` and `label` (in any order; other columns
+are ignored). A path is absolute or relative to the CSV file's folder; a label is a class name.
+The classes are the training file's labels sorted by name, as the class folders of an image
+folder; every validation label must be one of them. Unreadable images are replaced and logged
+as in an image folder (util/data/bad_images.py).
+"""
+import csv
+import os
+
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import default_loader
+
+from util.data.bad_images import ReplacesUnreadable
+from util.data.base import DataKind, needs_val, readable_file
+from util.errors import UserError
+
+COLUMNS = ("path", "label")
+_WHAT = {"--data_path": "the training CSV", "--eval_data_path": "the validation CSV"}
+
+
+def read_list(path, flag):
+    """[(image path, label, line number)] of one CSV file; `flag` names it in errors."""
+    readable_file(path, flag, f"give the path of {_WHAT[flag]} (a file whose header row names path,label)")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, skipinitialspace=True)
+            header = [(c or "").strip() for c in reader.fieldnames or []]
+            missing = [c for c in COLUMNS if c not in header]
+            if missing:
+                raise UserError(f"{flag} {path} has no {' or '.join(map(repr, missing))} column (header row: "
+                                f"{', '.join(header) or 'none'}); its first row must name the columns path,label")
+            reader.fieldnames = header
+            rows = [_row(r, path, reader.line_num, folder) for r in reader]
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise UserError(f"{flag} {path} is not a readable CSV file ({e}); write it as UTF-8 text, "
+                        "one image per row") from None
+    if not rows:
+        raise UserError(f"{flag} {path} lists no images; add rows path,label below its header row")
+    return rows
+
+
+def _row(row, path, line, folder):
+    image, label = ((row.get(c) or "").strip() for c in COLUMNS)
+    if not image or not label:
+        raise UserError(f"{path} line {line}: empty path or label; every row needs both")
+    return os.path.normpath(os.path.join(folder, image)), label, line
+
+
+def check_known(rows, classes, val_path, train_path):
+    """Every label of the validation list is a class of the training list."""
+    known = set(classes)
+    for _, label, line in rows:
+        if label not in known:
+            shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+            raise UserError(f"--eval_data_path {val_path} line {line}: class {label!r} is not in the training "
+                            f"CSV {train_path} (its classes: {shown}); use one of its labels or drop the row")
+
+
+class CsvImages(ReplacesUnreadable, Dataset):
+    """The images of one file list; `classes` and `class_to_idx` as an ImageFolder's."""
+
+    def __init__(self, rows, classes, transform=None):
+        self.classes = list(classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples = [(image, self.class_to_idx[label]) for image, label, _ in rows]
+        self.targets = [t for _, t in self.samples]
+        self.loader, self.transform = default_loader, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+
+class CsvKind(DataKind):
+    name = "csv"
+    data_path_help = "the training CSV file, whose header row names path,label"
+
+    def check_paths(self, args):
+        """Both flags name files here, not folders."""
+        for flag in ("--data_path", "--eval_data_path"):
+            path = getattr(args, flag[2:], None)
+            if path:
+                readable_file(path, flag, f"give the path of {_WHAT[flag]}")
+
+    def check(self, args):
+        """Reads the file lists (no image): columns, and validation classes known to training."""
+        classes = self._classes(args)[1]
+        if needs_val(args):
+            check_known(read_list(self._val_path(args), "--eval_data_path"), classes,
+                        args.eval_data_path, args.data_path)
+
+    def num_classes(self, args):
+        return len(self._classes(args)[1])
+
+    def build(self, is_train, args, transform):
+        rows, classes = self._classes(args)
+        if not is_train:
+            rows = read_list(self._val_path(args), "--eval_data_path")
+            check_known(rows, classes, args.eval_data_path, args.data_path)
+        return CsvImages(rows, classes, transform), len(classes)
+
+    def _classes(self, args):
+        """(training rows, class names sorted)."""
+        self.require_data_path(args)
+        rows = read_list(args.data_path, "--data_path")
+        return rows, sorted({label for _, label, _ in rows})
+
+    @staticmethod
+    def _val_path(args):
+        if not getattr(args, "eval_data_path", None):
+            raise UserError("--data_set csv needs --eval_data_path (the validation CSV file, whose header row "
+                            "names path,label); give it, or --disable_eval True to train without evaluation")
+        return args.eval_data_path

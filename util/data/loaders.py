@@ -1,0 +1,120 @@
+"""Resumable distributed samplers and the DataLoaders built on them.
+
+Augmentation randomness is seeded per sample from (seed, epoch, index), so the images of a step
+do not depend on the number of workers, on the rank layout or on where a run was resumed: the
+basis of exact resume and of the DDP-equivalence tests.
+"""
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from util.errors import UserError
+
+
+class SeededTransform(Dataset):
+    """Wraps a dataset so that the sampler's (index, seed) keys seed each sample's augmentation."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        index, seed = key
+        in_worker = torch.utils.data.get_worker_info() is not None
+        if in_worker:
+            random.seed(seed)
+            np.random.seed(seed % 2 ** 32)
+            torch.manual_seed(seed)
+            return self.dataset[index]
+        # single-process loading: keep the training process's own RNG streams untouched
+        py, npst = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed % 2 ** 32)
+            torch.manual_seed(seed)
+            out = self.dataset[index]
+        random.setstate(py)
+        np.random.set_state(npst)
+        return out
+
+
+class TrainSampler(Sampler):
+    """Shuffled, rank-sliced, resumable: yields (index, augmentation seed) keys.
+
+    Global order = permutation(seed, epoch), padded to a multiple of the world size; rank r takes
+    positions r, r+W, ... so W ranks x batch B see exactly what 1 rank x batch W*B sees.
+    `set_epoch(e, start=k)` skips the first k samples of this rank (resume mid-epoch).
+    """
+
+    def __init__(self, n, num_replicas=1, rank=0, seed=0, shuffle=True):
+        self.n, self.world, self.rank, self.seed, self.shuffle = n, num_replicas, rank, seed, shuffle
+        self.epoch, self.start = 0, 0
+        self.num_samples = -(-n // num_replicas)
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = int(epoch), int(start)
+
+    def order(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            idx = torch.randperm(self.n, generator=g).tolist()
+        else:
+            idx = list(range(self.n))
+        idx += idx[: self.num_samples * self.world - self.n]
+        return idx[self.rank::self.world]
+
+    def __iter__(self):
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        for i in self.order()[self.start:]:
+            yield i, (base + i) % (2 ** 62)
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+class EvalSampler(Sampler):
+    """Rank r takes samples r, r+W, ...: no padding, so summed counts are exact."""
+
+    def __init__(self, n, num_replicas=1, rank=0):
+        self.indices = list(range(rank, n, num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def build_train_loader(dataset, args, world_size, rank):
+    sampler = TrainSampler(len(dataset), world_size, rank, seed=args.seed)
+    if len(dataset) < args.batch_size * world_size:
+        raise UserError(f"the training set has {len(dataset)} images, fewer than one global batch "
+                        f"({args.batch_size} x {world_size}); lower --batch_size")
+    return _loader(SeededTransform(dataset), sampler, args, drop_last=True)
+
+
+def build_eval_loader(dataset, args, world_size, rank):
+    if getattr(args, "dist_eval", True):
+        sampler = EvalSampler(len(dataset), world_size, rank)
+    else:  # every rank evaluates everything; only counts from rank 0 matter
+        sampler = EvalSampler(len(dataset), 1, 0)
+    return _loader(dataset, sampler, args, drop_last=False, batch_size=int(1.5 * args.batch_size))
+
+
+def _loader(dataset, sampler, args, drop_last, batch_size=None):
+    workers = args.num_workers
+    kw = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
+    # its own generator: creating an iterator must not draw from the training RNG (exact resume)
+    kw["generator"] = torch.Generator().manual_seed(args.seed)
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size or args.batch_size,
+                      num_workers=workers, pin_memory=args.pin_mem and torch.cuda.is_available(),
+                      drop_last=drop_last, **kw)

@@ -1,0 +1,78 @@
+"""Image transforms: timm's create_transform for fine-tuning, FCMAE's crop + flip for
+pretraining, resize + centre crop for evaluation."""
+from torchvision import transforms
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def posterize_zero_bits_safe(img, bits_to_keep, **kw):
+    """timm's posterize, but 0 bits gives a black image (as Pillow < 13 did) instead of Pillow
+    13's ValueError: timm's RandAugment 'increasing' posterize can ask for 0 bits. Module-level,
+    so the train transform pickles (DataLoader workers started with spawn or forkserver)."""
+    if bits_to_keep <= 0:
+        from PIL import Image
+        return Image.new(img.mode, img.size)
+    from timm.data.auto_augment import posterize
+    return posterize(img, bits_to_keep, **kw)
+
+
+def _augment_ops(t):
+    """timm's AugmentOp objects inside a built transform: Compose holds `transforms`,
+    RandAugment and AugMix `ops`, AutoAugment `policy` (lists of ops)."""
+    from timm.data.auto_augment import AugmentOp
+    if isinstance(t, AugmentOp):
+        yield t
+    elif isinstance(t, (list, tuple)):
+        for x in t:
+            yield from _augment_ops(x)
+    else:
+        for attr in ("transforms", "ops", "policy"):
+            yield from _augment_ops(getattr(t, attr, ()))
+
+
+def _guard_posterize(transform):
+    """This transform's posterize ops use our guarded op; timm's module stays as it is."""
+    from timm.data.auto_augment import posterize
+    for op in _augment_ops(transform):
+        if op.aug_fn is posterize:
+            op.aug_fn = posterize_zero_bits_safe
+    return transform
+
+
+def mean_std(args):
+    return ((IMAGENET_MEAN, IMAGENET_STD) if getattr(args, "imagenet_default_mean_and_std", True)
+            else (INCEPTION_MEAN, INCEPTION_STD))
+
+
+def build_transform(is_train, args):
+    """Fine-tuning transforms: timm's create_transform for training, resize + centre crop for eval."""
+    mean, std = mean_std(args)
+    size = args.input_size
+    if is_train:
+        from timm.data import create_transform
+        aa = args.aa if args.aa not in (None, "", "none", "None") else None
+        return _guard_posterize(create_transform(
+            input_size=size, is_training=True, color_jitter=args.color_jitter, auto_augment=aa,
+            scale=tuple(getattr(args, "scale", (0.08, 1.0))),
+            interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
+            re_count=args.recount, mean=mean, std=std))
+    steps = []
+    if size >= 384:  # as in the original: no crop at large sizes
+        steps.append(transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC))
+    else:
+        crop_pct = args.crop_pct if args.crop_pct else 224 / 256
+        steps += [transforms.Resize(int(size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+                  transforms.CenterCrop(size)]
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(steps)
+
+
+def build_pretrain_transform(args):
+    """The original FCMAE augmentation: RandomResizedCrop(0.2-1, bicubic) + horizontal flip."""
+    mean, std = mean_std(args)
+    return transforms.Compose([
+        transforms.RandomResizedCrop(args.input_size, scale=(0.2, 1.0),
+                                     interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), transforms.Normalize(mean, std)])
