@@ -10,64 +10,20 @@ import torch
 
 import util.distributed as du
 from engine_finetune import evaluate, train_one_epoch
-from util.common_args import add_common_args
-from util.config import add_config_args, parse_args, str2bool
+from util.config import parse_args
+from util.flags import build_parser
+from util.validate import check_args
 from util.errors import UserError, exit_on_user_error
 from util.train_loop import Amp
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("ConvNeXt V2 fine-tuning and evaluation", allow_abbrev=False)
-    add_common_args(parser, epochs=100, blr=5e-4, min_lr=1e-6, warmup_epochs=20)
-    a = parser.add_argument
-    a("--drop_path", type=float, default=0.0, help="drop path rate")
-    a("--layer_decay_type", type=str, choices=["single", "group"], default="single")
-    a("--layer_decay", type=float, default=1.0)
-    # EMA
-    a("--model_ema", type=str2bool, default=False)
-    a("--model_ema_decay", type=float, default=0.9999)
-    a("--model_ema_force_cpu", type=str2bool, default=False)
-    a("--model_ema_eval", type=str2bool, default=False, help="also evaluate (and pick best by) the EMA model")
-    # optimizer
-    a("--weight_decay_end", type=float, default=None, help="final weight decay of a cosine wd schedule")
-    a("--opt", default="adamw", type=str)
-    a("--opt_eps", default=1e-8, type=float)
-    a("--opt_betas", default=None, type=float, nargs="+")
-    a("--momentum", type=float, default=0.9)
-    # augmentation
-    a("--color_jitter", type=float, default=None)
-    a("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="RandAugment policy; none to disable")
-    a("--smoothing", type=float, default=0.1, help="label smoothing")
-    a("--train_interpolation", type=str, default="bicubic")
-    a("--scale", type=float, nargs=2, default=[0.08, 1.0], metavar=("MIN", "MAX"),
-      help="RandomResizedCrop area range of the training transform (timm's --scale)")
-    a("--reprob", type=float, default=0.25, help="random erase probability")
-    a("--remode", type=str, default="pixel")
-    a("--recount", type=int, default=1)
-    a("--resplit", type=str2bool, default=False)
-    a("--mixup", type=float, default=0)
-    a("--cutmix", type=float, default=0)
-    a("--cutmix_minmax", type=float, nargs="+", default=None)
-    a("--mixup_prob", type=float, default=1.0)
-    a("--mixup_switch_prob", type=float, default=0.5)
-    a("--mixup_mode", type=str, default="batch")
-    # fine-tuning
-    a("--finetune", default="", help="checkpoint to start from (ours, FCMAE, or official)")
-    a("--head_init_scale", default=0.001, type=float)
-    a("--model_key", default="model|module", type=str)
-    a("--model_prefix", default="", type=str)
-    a("--nb_classes", default=1000, type=int, help="set from the dataset")
-    a("--eval_data_path", default=None, type=str)
-    a("--eval", type=str2bool, default=False, help="only evaluate (with --resume or --finetune)")
-    a("--dist_eval", type=str2bool, default=True)
-    a("--disable_eval", type=str2bool, default=False)
-    add_config_args(parser)
-    return parser
+    """The fine-tuning flags (util/flags.py holds every flag, its default, range and help)."""
+    return build_parser("finetune", "ConvNeXt V2 fine-tuning and evaluation")
 
 
 def validate_args(args):
-    """Flag ranges, paths, output directory, model name (util/validate.py)."""
-    from util.validate import check_args
+    """Flag ranges and choices, paths, output directory, model name (util/validate.py)."""
     check_args(args, "finetune")
 
 

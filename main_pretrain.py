@@ -9,45 +9,21 @@ import torch
 import util.distributed as du
 from engine_pretrain import reconstruction_grid, train_one_epoch
 from main_finetune import _bad_images
-from util.common_args import add_common_args
-from util.config import add_config_args, parse_args, str2bool
+from util.config import parse_args
+from util.flags import build_parser
+from util.validate import check_args
 from util.errors import UserError, exit_on_user_error
 from util.train_loop import Amp
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("ConvNeXt V2 FCMAE pretraining", allow_abbrev=False)
-    add_common_args(parser, epochs=800, blr=1.5e-4, min_lr=0.0, warmup_epochs=40)
-    a = parser.add_argument
-    a("--mask_ratio", default=0.6, type=float, help="fraction of patches removed")
-    a("--norm_pix_loss", type=str2bool, nargs="?", const=True, default=True,
-      help="normalise each target patch (default on; --norm_pix_loss False turns it off)")
-    a("--decoder_depth", type=int, default=1)
-    a("--decoder_embed_dim", type=int, default=512)
-    a("--vis_freq", type=int, default=5, help="reconstruction grid in TensorBoard every N epochs (0: never)")
-    add_config_args(parser)
-    return parser
+    """The pretraining flags (util/flags.py holds every flag, its default, range and help)."""
+    return build_parser("pretrain", "ConvNeXt V2 FCMAE pretraining")
 
 
 def validate_args(args):
-    """The pretraining flags here; the shared ones, paths, output directory and model name in
-    util/validate.py."""
-    checks = [
-        (0 < args.mask_ratio < 1, f"--mask_ratio {args.mask_ratio} must be in (0, 1), e.g. 0.6"),
-        (args.input_size % 32 == 0 and args.input_size >= 32,
-         f"--input_size {args.input_size} must be a multiple of 32 (the encoder's stride), e.g. "
-         f"{max(32, args.input_size // 32 * 32)}"),
-        (args.decoder_depth >= 0 and args.decoder_embed_dim >= 1, "--decoder_depth must be >= 0 and "
-                                                                  "--decoder_embed_dim >= 1"),
-        (int((args.input_size // 32) ** 2 * (1 - args.mask_ratio)) >= 1,
-         f"--input_size {args.input_size} has {(args.input_size // 32) ** 2} patch(es) of 32 px and "
-         f"--mask_ratio {args.mask_ratio} keeps none of them; use a larger --input_size (e.g. 64) or "
-         "a lower --mask_ratio"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
-    from util.validate import check_args
+    """Flag ranges and choices (mask ratio, input size, decoder too), paths, output directory,
+    model name (util/validate.py)."""
     check_args(args, "pretrain")
 
 

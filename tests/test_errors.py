@@ -181,7 +181,7 @@ def test_mistake_is_one_line_and_loses_nothing(w, tmp_path, name, script, flags,
     assert not os.path.exists(w["marker"]), "a checkpoint or config ran code"
 
 
-# Every check of util/validate.py's `_ranges` and `_choices` (and main_pretrain.py's own), one
+# Every range and choice check of the flag table (util/flags.py), one
 # launch each: (id, script, flags, fragment of the line). The checks shared by both scripts
 # alternate between them; `test_range_rows_cover_every_check` keeps this table complete.
 F, P = "main_finetune.py", "main_pretrain.py"
@@ -263,36 +263,30 @@ def test_range_or_choice_is_one_line_and_writes_nothing(tmp_path, name, script, 
 
 
 def _failing_checks(script, flags):
-    """The `_ranges` / `_choices` entries that `flags` fail, as ("ranges", i) / ("choices", i)
-    (the entries both scripts share come first in each list, so they have the same keys), the
-    keys of all entries, and the parsed args."""
-    import main_finetune
-    import main_pretrain
+    """The keys of the flag table's checks (util/flags.checks) that `flags` fail, and the keys
+    of all checks of the script."""
+    from util import flags as flag_table
     from util.config import parse_args
-    from util.validate import _choices, _ranges
-    module, kind, common = (main_finetune, "finetune", FT) if script == F else (main_pretrain, "pretrain", PRE)
-    args = parse_args(module.get_args_parser(), common + ["--output_dir", "unused"] + flags)
-    entries = [(("ranges", i), c) for i, c in enumerate(_ranges(args, kind))] + \
-              [(("choices", i), c) for i, c in enumerate(_choices(args, kind))]
-    failing = {key for key, c in entries if (c() if callable(c) else (None if c[0] else c[1]))}
-    return failing, {key for key, _ in entries}, args
+    kind, common = ("finetune", FT) if script == F else ("pretrain", PRE)
+    args = parse_args(flag_table.build_parser(kind, "test"), common + ["--output_dir", "unused"] + flags)
+    entries = flag_table.checks(kind)
+    return {key for key, check in entries if check(args)}, {key for key, _ in entries}
 
 
 def test_range_rows_cover_every_check():
-    """Each entry of `_ranges` and `_choices` fails for at least one row of RANGE_ROWS or ROWS
-    (a check both scripts share, with either script), so a check added there without a row here
-    fails this test. An entry for a flag the script does not have (--ratio) cannot fail."""
-    from util.validate import _ranges
-    covered = set()
+    """Each range or choice check of the flag table fails for at least one row of RANGE_ROWS or
+    ROWS (a check both scripts share, with either script), so a check added to the table without
+    a row here fails this test."""
+    covered = {"finetune": set(), "pretrain": set()}
     for _id, script, flags, _fragment in RANGE_ROWS + ROWS:
         if not any("{" in f for f in flags):
-            covered |= _failing_checks(script, flags)[0]
+            failing = _failing_checks(script, flags)[0]
+            covered["finetune"] |= failing
+            covered["pretrain"] |= failing
     for script, kind in ((F, "finetune"), (P, "pretrain")):
-        failing, keys, args = _failing_checks(script, [])
+        failing, keys = _failing_checks(script, [])
         assert not failing, "the common flags of the rows must pass every check"
-        absent = {("ranges", i) for i, (_ok, msg) in enumerate(_ranges(args, kind))
-                  if not hasattr(args, msg.split()[0].lstrip("-"))}
-        assert keys - absent - covered == set(), script
+        assert keys - covered[kind] == set(), script
 
 
 def test_train_transform_is_built_in_validation(monkeypatch):

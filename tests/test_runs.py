@@ -53,7 +53,7 @@ def test_global_batch_rule():
     assert one == sig("--batch_size", "32", "--update_freq", "2")
     assert one == sig("--batch_size", "16", "--update_freq", "2", world_size=2)
     assert one != sig("--batch_size", "32")
-    assert runs.settings(args_of("--batch_size", "32"), 4)["global_batch"] == 128
+    assert runs.settings(args_of("--batch_size", "32"), 4, "finetune")["global_batch"] == 128
 
 
 def test_outcome_neutral_flags_keep_signature():
@@ -354,3 +354,74 @@ def test_writes_that_fail_end_in_one_line(tmp_path):
     os.makedirs(tmp_path / "log.txt")
     with pytest.raises(UserError, match=r"could not write .*log\.txt"):
         append_json_log(str(tmp_path), {"epoch": 0})
+
+
+# ---------------------------------------------------------------- signatures across upgrades
+
+FIXTURES = os.path.join(REPO, "tests", "fixtures")
+
+
+def test_version_2_signatures_are_still_computed():
+    """The signatures the code before version 3 gave these command lines (recorded with that
+    code in tests/fixtures/signatures_v2.json) come out of util/legacy_signature.py."""
+    import json
+
+    import main_finetune
+    import main_pretrain
+    from util.legacy_signature import legacy_signature
+    with open(os.path.join(FIXTURES, "signatures_v2.json")) as f:
+        recorded = json.load(f)
+    for kind, module in (("finetune", main_finetune), ("pretrain", main_pretrain)):
+        for case in recorded[kind]:
+            a = parse_args(module.get_args_parser(), case["argv"])
+            w = case["world_size"]
+            assert legacy_signature(a, w, kind, runs.outcome_settings(a, w)) == case["signature"], case
+            assert runs.signature(a, w, kind) != case["signature"]  # version 3 hashes otherwise
+
+
+@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+def test_run_made_by_version_2_is_found_by_the_same_command(tmp_path, kind):
+    """A run directory written by the code before version 3 (kept as a fixture: its run.json,
+    config.yaml and log.txt) is found by the command that made it: completed, so reported and
+    left as it was, not started over beside it."""
+    import json
+    import shlex
+    import shutil
+
+    from tests import forkrun
+    (src,) = [os.path.join(FIXTURES, "runs_v2", kind, d) for d in os.listdir(os.path.join(FIXTURES, "runs_v2", kind))]
+    run_dir = tmp_path / "runs" / kind / os.path.basename(src)
+    shutil.copytree(src, run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with open(os.path.join(src, "run.json")) as f:
+        argv = shlex.split(json.load(f)["command"])
+    i = argv.index("--runs_root")
+    argv[i + 1] = str(tmp_path / "runs")
+    r = forkrun.run(argv[0], argv[1:], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"run already completed: {run_dir}" in r.stdout + r.stderr
+    assert sorted(os.listdir(tmp_path / "runs" / kind)) == [run_dir.name]
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_a_new_flag_at_its_default_changes_no_signature(monkeypatch):
+    """Adding a flag to the table (with a default that keeps today's behaviour) leaves every
+    signature as it was; setting it away from its default makes another run."""
+    import main_finetune
+    from util import flags
+    base = runs.signature(parse_args(main_finetune.get_args_parser(), ["--mixup", "0.8"]), 1, "finetune")
+    new = flags.Flag("brand_new_knob", 3, int, "a flag added by an upgrade", scripts=("finetune",))
+    monkeypatch.setattr(flags, "TABLE", flags.TABLE + (new,))
+    monkeypatch.setitem(flags.BY_NAME, new.name, new)
+    p = main_finetune.get_args_parser()
+    assert runs.signature(parse_args(p, ["--mixup", "0.8"]), 1, "finetune") == base
+    assert runs.signature(parse_args(p, ["--mixup", "0.8", "--brand_new_knob", "4"]), 1, "finetune") != base
+
+
+def test_changing_a_default_needs_a_signature_version_bump():
+    """A signature hashes what differs from the defaults, so a changed default silently changes
+    what a signature means. If this fails: bump SIGNATURE_VERSION in util/runs.py, set
+    DEFAULTS_FINGERPRINT to runs.defaults_fingerprint(), and say so in docs/runs.md."""
+    assert runs.defaults_fingerprint() == runs.DEFAULTS_FINGERPRINT, (
+        f"a default changed: bump SIGNATURE_VERSION ({runs.SIGNATURE_VERSION}) and set DEFAULTS_FINGERPRINT "
+        f"to {runs.defaults_fingerprint()!r}")

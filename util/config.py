@@ -18,38 +18,17 @@ import yaml
 
 from util.atomic import atomic_write_text
 from util.errors import UserError
+from util.flags import BY_NAME, per_launch, str2bool  # noqa: F401 (str2bool: the flags' type, used here)
 
-# Left out of config.yaml: they describe one launch, not the experiment, and replaying them
-# would be wrong (`force` would fork a new run on every relaunch; `output_dir` in a copied
-# config would make a variant write into the old run; `start_epoch` is a resume position).
-# They are listed in a comment at the top of the file instead.
-PER_LAUNCH = frozenset({
-    "config", "local_rank", "world_size", "dist_url", "dist_on_itp", "resume", "start_epoch",
-    "output_dir", "log_dir", "job_dir", "force", "dry_run",
-    "eval", "preflight",  # one-off modes of a launch (evaluate only, one trial step)
-    "device",  # the scripts replace `auto` by the device found (cuda:0), which may be absent later
-    # Slurm launcher flags: main_*.py does not know them, so a config holding them would not
-    # load there. Give them on the submitit command line.
-    "nodes", "ngpus", "timeout", "partition", "use_volta32", "comment",
-})
+# Left out of config.yaml: the flags of one launch (role LAUNCH or LAUNCHER in the flag table),
+# which replaying would get wrong (`force` would fork a new run on every relaunch; `output_dir` in a
+# copied config would make a variant write into the old run; `start_epoch` is a resume position;
+# `device` may name a GPU that is absent later; Slurm flags are unknown to main_*.py). They are
+# listed in a comment at the top of the file instead.
+PER_LAUNCH = per_launch()
 
-# Attributes the scripts put on `args` at run time (util/distributed.py); never flags.
+# Attributes the scripts put on `args` at run time in older versions; never flags.
 RUNTIME_ATTRS = frozenset({"rank", "gpu", "distributed", "dist_backend"})
-
-_TRUE = {"true", "1", "yes", "y", "t", "on"}
-_FALSE = {"false", "0", "no", "n", "f", "off"}
-
-
-def str2bool(v):
-    """argparse type for the original boolean flags (`--model_ema True`)."""
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in _TRUE:
-        return True
-    if s in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (True/False, 1/0, yes/no), got {v!r}")
 
 
 class Namespace(argparse.Namespace):
@@ -70,13 +49,16 @@ def add_config_args(parser):
     """Add `--config FILE`; a parser that already has it is returned as it is."""
     if "--config" in parser._option_string_actions:
         return parser
-    parser.add_argument("--config", default=None, metavar="FILE",
-                        help="YAML file of flag values (keys = flag names); command-line flags win")
+    parser.add_argument("--config", default=None, metavar="FILE", help=BY_NAME["config"].help)
     return parser
 
 
-def _dest_actions(parser):
-    """dest -> actions writing it (aliases such as --local_rank/--local-rank share a dest)."""
+def dest_actions(parser):
+    """dest -> actions writing it (aliases such as --local_rank/--local-rank share a dest).
+
+    The one reader of argparse's private `parser._actions`: argparse has no public way to list a
+    parser's actions, and a config file or search space is checked against the parser it feeds
+    (the scripts' parsers come from the flag table, tests build their own)."""
     out = {}
     for a in parser._actions:
         if a.dest != argparse.SUPPRESS and not isinstance(a, (argparse._HelpAction,
@@ -189,7 +171,7 @@ def _convert(action, value, where):
 def config_values(parser, path):
     """The YAML file's values, keyed by dest and converted; unknown keys are refused."""
     data = load_yaml(path)
-    actions = _dest_actions(parser)
+    actions = dest_actions(parser)
     values = {}
     for key, value in data.items():
         if not isinstance(key, str):
@@ -215,7 +197,7 @@ def parse_args(parser, argv=None):
     The parser is left as it was (defaults restored), so it can be used again.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "config" not in _dest_actions(parser):
+    if "config" not in dest_actions(parser):
         add_config_args(parser)
     path = _find_config(argv)
     args = _parse_with(parser, argv, path)
@@ -227,7 +209,7 @@ def parse_args(parser, argv=None):
 def _parse_with(parser, argv, path):
     values = config_values(parser, path) if path else {}
     saved = []
-    for dest, acts in _dest_actions(parser).items():
+    for dest, acts in dest_actions(parser).items():
         if dest in values:
             for a in acts:
                 saved.append((a, a.default, a.required))
@@ -237,7 +219,7 @@ def _parse_with(parser, argv, path):
     finally:
         for a, default, required in saved:
             a.default, a.required = default, required
-    args._flag_dests = frozenset(_dest_actions(parser))
+    args._flag_dests = frozenset(dest_actions(parser))
     return args
 
 

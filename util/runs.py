@@ -24,40 +24,33 @@ import subprocess
 import sys
 
 from util.atomic import atomic_write_json
+from util import flags
 from util.config import RUNTIME_ATTRS, flag_dests
 from util.errors import UserError, exit_on_user_error
+from util.legacy_signature import legacy_signature
 
-SIGNATURE_VERSION = 2  # bump when the signature's meaning changes; every run then gets a new one
+SIGNATURE_VERSION = 3  # bump when the signature's meaning changes (a default included); see docs/runs.md
+DEFAULTS_FINGERPRINT = "6f59a9c50283e867"  # defaults_fingerprint() of SIGNATURE_VERSION's defaults
 KINDS = ("finetune", "pretrain")
 STATUSES = ("running", "completed", "failed", "preempted", "pruned")  # pruned: stopped by a search
 DEFAULT_ROOT = "runs"
 RECORD = "run.json"
 CONFIG = "config.yaml"
 
-# Settings that do not change what a run computes. Anything not listed here counts (safer).
-OUTCOME_EXCLUDED = frozenset({
-    # where things go and how often
-    "output_dir", "log_dir", "job_dir", "runs_root", "print_freq",
-    "save_ckpt", "save_ckpt_freq", "save_ckpt_num", "save_ckpt_minutes",
-    # input pipeline speed, device placement
-    "num_workers", "pin_mem", "device", "model_ema_force_cpu",
-    # speed flags: change floating-point rounding only, like a different GPU would
-    "channels_last", "compile", "compile_mode", "cudnn_benchmark", "benchmark",
-    # distributed and launcher settings (world_size enters through global_batch)
-    "world_size", "local_rank", "dist_on_itp", "dist_url", "dist_timeout", "dist_backend",
-    "dist_eval",  # our evaluation counts exactly, so sharding it changes nothing
-    # resuming and run management
-    "resume", "auto_resume", "force", "config", "start_epoch",
-    "eval",  # evaluate-only launches make no run of their own
-    "nb_classes",  # set from the dataset, which its own flags (data_set, data_path, ...) name
-    "optimize_config", "storage", "dry_run", "preflight",  # storage: where a search keeps its study
-    # what to watch and when to give up: a run that completes computes the same either way, and
-    # relaunching a stopped run with a higher limit must find (and resume) the same run
-    "vis_freq", "max_bad_images", "skip_nonfinite",
-    # Slurm
-    "nodes", "ngpus", "timeout", "partition", "use_volta32", "comment", "account", "qos",
-    "constraint", "mem_gb", "cpus_per_task",
-}) | RUNTIME_ATTRS
+
+
+def defaults_fingerprint():
+    """A hash of every outcome flag's default in each script. A signature names the settings that
+    differ from these defaults, so changing one changes what signatures mean: tests/test_runs.py
+    compares this with DEFAULTS_FINGERPRINT, to be updated together with SIGNATURE_VERSION."""
+    table = sorted((f.name, kind, flags.canonical(f.default_for(kind))) for f in flags.TABLE
+                   if f.role == flags.OUTCOME for kind in f.scripts if kind in KINDS)
+    return hashlib.sha256(json.dumps(table).encode("utf-8")).hexdigest()[:16]
+
+
+# Settings that do not change what a run computes: every flag of the table whose role is not
+# OUTCOME (util/flags.py). Anything else counts (safer), a flag the table does not know too.
+OUTCOME_EXCLUDED = flags.not_outcome() | RUNTIME_ATTRS
 
 
 class RunCompleted(Exception):
@@ -70,19 +63,12 @@ class RunCompleted(Exception):
 
 # ---------------------------------------------------------------- signature
 
-def _canonical(v):
-    """Equal settings give equal JSON: 0 == 0.0 (a float flag's int default), tuple == list."""
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, (list, tuple)):
-        return [_canonical(i) for i in v]
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    return str(v)
+_canonical = flags.canonical
 
 
-def settings(args, world_size):
-    """The settings the signature hashes: outcome-changing flags, with global_batch."""
+def outcome_settings(args, world_size):
+    """Every outcome-changing setting, with batch_size x update_freq x world_size as
+    `global_batch` and lr and blr as the effective `lr`."""
     dests = flag_dests(args)
     out = {k: _canonical(v) for k, v in vars(args).items()
            if (dests is None or k in dests) and k not in OUTCOME_EXCLUDED
@@ -94,7 +80,7 @@ def settings(args, world_size):
         global_batch = args.batch_size * (getattr(args, "update_freq", None) or 1) * int(world_size)
         out["global_batch"] = global_batch
     # Only the effective lr matters: `--lr X` and the blr that gives X are the same run, and so
-    # is an args.lr the script derived from blr (util/optim.resolve_lr) before asking.
+    # is an lr derived from blr (util/optim.resolve_lr) before asking.
     if "lr" in out or "blr" in out:
         lr, blr = out.pop("lr", None), out.pop("blr", None)
         if lr is None and blr is not None and global_batch is not None:
@@ -105,19 +91,35 @@ def settings(args, world_size):
     return out
 
 
+def _is_default(name, value, kind):
+    flag = flags.BY_NAME.get(name)
+    return flag is not None and kind in flag.scripts and _canonical(flag.default_for(kind)) == value
+
+
+def settings(args, world_size, kind):
+    """The settings the signature hashes: the outcome settings that differ from their default
+    in the flag table (experimaestro's rule: a new flag whose default keeps today's behaviour
+    changes no signature), and always `global_batch` and the effective `lr`."""
+    return {k: v for k, v in outcome_settings(args, world_size).items()
+            if k in ("global_batch", "lr") or not _is_default(k, v, kind)}
+
+
 def signature(args, world_size, kind):
-    """sha256 hex of the canonical JSON of `settings(args, world_size)`, the kind and a salt."""
+    """sha256 hex of the canonical JSON of `settings(args, world_size, kind)`, the kind and a salt."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    blob = json.dumps({"kind": kind, "settings": settings(args, world_size),
+    blob = json.dumps({"kind": kind, "settings": settings(args, world_size, kind),
                        "version": SIGNATURE_VERSION}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def _model_part(args):
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(getattr(args, "model", None) or "run"))
+
+
 def run_name(args, world_size, kind):
     """`<model>-<first 10 hex of the signature>`."""
-    model = re.sub(r"[^A-Za-z0-9._-]+", "_", str(getattr(args, "model", None) or "run"))
-    return f"{model}-{signature(args, world_size, kind)[:10]}"
+    return f"{_model_part(args)}-{signature(args, world_size, kind)[:10]}"
 
 
 # ---------------------------------------------------------------- run directory
@@ -170,6 +172,8 @@ def prepare_run_dir(args, kind, world_size):
     root = getattr(args, "runs_root", None) or DEFAULT_ROOT
     base = os.path.join(root, kind, run_name(args, world_size, kind))
     found = _siblings(base)
+    if not found and not getattr(args, "force", False):
+        base, found = _legacy_run(args, world_size, kind, root) or (base, found)
     newest = max(found) if found else None
     if getattr(args, "force", False):
         path = base if newest is None else f"{base}-r{newest + 1}"
@@ -182,6 +186,17 @@ def prepare_run_dir(args, kind, world_size):
                                run_dir=path, record=record)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def _legacy_run(args, world_size, kind, root):
+    """(base, siblings) of the run that code before signature version 3 made for these settings,
+    or None: an upgrade must not make the same command start over."""
+    old = legacy_signature(args, world_size, kind, outcome_settings(args, world_size))
+    if old is None:
+        return None
+    base = os.path.join(root, kind, f"{_model_part(args)}-{old[:10]}")
+    found = _siblings(base)
+    return (base, found) if found else None
 
 
 def check_holds_this_run(path, args, world_size, kind):
@@ -198,8 +213,8 @@ def check_holds_this_run(path, args, world_size, kind):
     if not os.path.isfile(config):
         return record
     from util.config import load_yaml
-    old = settings(argparse.Namespace(**load_yaml(config)), record.get("world_size") or world_size)
-    new = settings(args, world_size)
+    old = outcome_settings(argparse.Namespace(**load_yaml(config)), record.get("world_size") or world_size)
+    new = outcome_settings(args, world_size)
     changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
     if changed:
         shown = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed[:4])

@@ -1,0 +1,201 @@
+"""The kinds of check a flag of the table (util/flags.py) can carry, and the checks that need
+more than a range: each returns None (fine) or the one-line message, naming the flag and a
+valid value. They read only the parsed flags (no files, no dataset: util/validate.py does that).
+"""
+import difflib
+import re
+from dataclasses import dataclass
+
+_BOTH = ("finetune", "pretrain", "slurm")
+
+# Names timm accepts (or fails deep inside with an AssertionError or KeyError, or, for Mixup's
+# mode, silently takes as "batch").
+INTERPOLATIONS = ("random", "bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")  # timm's train crop
+REMODES = ("pixel", "rand", "const")  # timm's RandomErasing (case-insensitive there)
+MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup
+DEVICES = "auto, cpu, cuda, cuda:N or mps"  # util/distributed.resolve_device
+
+
+def _show(values):
+    return " ".join(str(v) for v in values) if isinstance(values, (list, tuple)) else str(values)
+
+
+@dataclass(frozen=True)
+class Range:
+    """low <= value <= high (open ends with low_open / high_open); None passes (a flag whose
+    default None means "off"). `message` replaces the whole line where it names two flags."""
+    low: float = None
+    high: float = None
+    low_open: bool = False
+    high_open: bool = False
+    text: str = None
+    hint: str = ""
+    message: str = None
+    kinds: tuple = _BOTH
+
+    def ok(self, v):
+        if v is None:
+            return True
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        return self.high is None or (v < self.high if self.high_open else v <= self.high)
+
+    def describe(self):
+        if self.text:
+            return self.text
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+    def __call__(self, name, value, args):
+        if self.ok(value):
+            return None
+        return self.message or f"--{name} {value} must be {self.describe()}{self.hint}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a set of names (checked after parsing, so the message is one line)."""
+    choices: tuple
+    ignore_case: bool = False
+    kinds: tuple = _BOTH
+
+    def describe(self):
+        return "one of " + ", ".join(self.choices)
+
+    def __call__(self, name, value, args):
+        v = str(value).lower() if self.ignore_case else value
+        if v in self.choices:
+            return None
+        return f"--{name} {value!r} is unknown; use one of {', '.join(self.choices)}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A check of its own: `fn(args)` -> None or the message (may look at other flags)."""
+    fn: object
+    kinds: tuple = _BOTH
+
+    def describe(self):
+        return (self.fn.__doc__ or self.fn.__name__).strip().splitlines()[0].rstrip(".")
+
+    def __call__(self, name, value, args):
+        return self.fn(args)
+
+
+def multiple_of_32(args):
+    """a multiple of 32, at least 32 (the encoder's stride)"""
+    s = args.input_size
+    if s % 32 == 0 and s >= 32:
+        return None
+    return (f"--input_size {s} must be a multiple of 32 (the encoder's stride), e.g. "
+            f"{max(32, s // 32 * 32)}")
+
+
+def mask_keeps_a_patch(args):
+    """keeps at least one 32-px patch of --input_size"""
+    patches = (args.input_size // 32) ** 2
+    if int(patches * (1 - args.mask_ratio)) >= 1:
+        return None
+    return (f"--input_size {args.input_size} has {patches} patch(es) of 32 px and --mask_ratio "
+            f"{args.mask_ratio} keeps none of them; use a larger --input_size (e.g. 64) or a lower --mask_ratio")
+
+
+def start_epoch(args):
+    """in [0, --epochs)"""
+    if 0 <= args.start_epoch < args.epochs:
+        return None
+    return f"--start_epoch {args.start_epoch} must be in [0, --epochs)"
+
+
+def device(args):
+    """auto, cpu, cuda, cuda:N or mps"""
+    name = args.device
+    if name in (None, "", "auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", str(name)):
+        return None
+    return f"--device {name!r} is not a device; use {DEVICES}"
+
+
+def _min_max_ok(pair, low, high):
+    """A (MIN, MAX) pair with low < MIN <= MAX (<= high when high is given)."""
+    return (isinstance(pair, (list, tuple)) and len(pair) == 2 and low < pair[0] <= pair[1]
+            and (high is None or pair[1] <= high))
+
+
+def scale(args):
+    """MIN MAX with 0 < MIN <= MAX <= 1 (fractions of the image area)"""
+    if _min_max_ok(args.scale, 0, 1):
+        return None
+    return (f"--scale {_show(args.scale)} must be MIN MAX with 0 < MIN <= MAX <= 1 (fractions of the "
+            "image area), e.g. 0.08 1.0")
+
+
+def opt_betas(args):
+    """two values in [0, 1)"""
+    b = args.opt_betas
+    if b is None or (len(b) == 2 and all(0 <= v < 1 for v in b)):
+        return None
+    return f"--opt_betas {_show(b)} must be two values in [0, 1), e.g. 0.9 0.999"
+
+
+def even_batch_for_mixing(args):
+    """with mixup or cutmix, an even --batch_size (timm's Mixup mixes the batch with its reverse)"""
+    mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if not mixing or args.eval or args.batch_size % 2 == 0:
+        return None
+    return (f"--batch_size {args.batch_size} must be even with --mixup/--cutmix (timm's Mixup mixes the batch "
+            f"with its reverse), e.g. {args.batch_size + 1}")
+
+
+def cutmix_minmax(args):
+    """MIN MAX with 0 <= MIN < MAX <= 1 that leaves a range of box sides at --input_size"""
+    mm = args.cutmix_minmax
+    if mm is None:
+        return None
+    if len(mm) != 2:
+        why = "needs two values, MIN MAX (box side as a fraction of the image side), e.g. 0.2 0.8"
+    elif not 0 <= mm[0] < mm[1] <= 1:
+        why = "must be MIN MAX with 0 <= MIN < MAX <= 1, e.g. 0.2 0.8"
+    elif int(args.input_size * mm[0]) >= int(args.input_size * mm[1]):
+        # timm draws the box side between MIN and MAX times the image side, rounded down
+        why = (f"gives no range of box sides at --input_size {args.input_size} "
+               f"({int(args.input_size * mm[0])} to {int(args.input_size * mm[1])} px); widen it, e.g. 0.2 0.8")
+    else:
+        return None
+    return f"--cutmix_minmax {_show(mm)} {why}"
+
+
+def optimizer(args):
+    """an optimizer timm knows (lookahead_<name> adds Lookahead)"""
+    # timm's factory splits the name at '_' and takes the last part; a first part other than
+    # 'lookahead' is ignored
+    from timm.optim import list_optimizers
+    known = list_optimizers()
+    parts = str(args.opt).lower().split("_")
+    if parts[-1] in known and (len(parts) == 1 or parts[:-1] == ["lookahead"]):
+        return None
+    close = difflib.get_close_matches(parts[-1], known, n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "e.g. adamw"
+    return f"--opt {args.opt!r} is not an optimizer timm knows ({hint}; lookahead_<name> adds Lookahead)"
+
+
+def augment_policy(args):
+    """a timm augmentation policy (RandAugment, AugMix, AutoAugment) or none"""
+    aa = args.aa
+    if aa in (None, "", "none", "None"):
+        return None
+    from timm.data.auto_augment import (augment_and_mix_transform, auto_augment_transform,
+                                        rand_augment_transform)
+    hparams = {"translate_const": 100, "img_mean": (124, 116, 104)}
+    try:  # parsed as timm.data.create_transform would, by the policy's prefix
+        if aa.startswith("rand"):
+            rand_augment_transform(aa, hparams)
+        elif aa.startswith("augmix"):
+            augment_and_mix_transform(aa, dict(hparams, translate_pct=0.3))
+        else:
+            auto_augment_transform(aa, hparams)
+    except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
+        why = f" ({e})" if str(e) else ""
+        return (f"--aa {aa!r} is not a timm augmentation policy{why}; use e.g. rand-m9-mstd0.5-inc1 "
+                "(RandAugment), augmix-m5-w3, original, v0, 3a, or none")
+    return None
