@@ -375,18 +375,26 @@ def first_failure(args, kind):
     return None
 
 
+_SHORT = {FT: "F", PT: "P", SLURM: "S"}
+
+
 def markdown():
     """The table of flags with checks, for docs/errors.md (between its `flag-checks` markers)."""
     rows = ["| Flag | Scripts | Default | Valid values |", "|---|---|---|---|"]
     for f in TABLE:
-        shown = [c.describe() for c in _choice_checks(f, documented=True) + list(f.checks)]
+        shown = [_described(c, f) for c in _choice_checks(f, documented=True) + list(f.checks)]
         if not shown:
             continue
-        scripts = ", ".join({FT: "F", PT: "P", SLURM: "S"}[s] for s in f.scripts)
+        scripts = ", ".join(_SHORT[s] for s in f.scripts)
         dflt = f.default if not isinstance(f.default, PerScript) else \
             f"{f.default.finetune} (F), {f.default.pretrain} (P)"
         rows.append(f"| `--{f.name}` | {scripts} | `{dflt}` | {'; '.join(shown)} |")
     return "\n".join(rows) + "\n"
+
+
+def _described(check, flag):
+    only = [s for s in flag.scripts if s in check.kinds]
+    return check.describe() + (f" ({', '.join(_SHORT[s] for s in only)})" if len(only) < len(flag.scripts) else "")
 
 
 if __name__ == "__main__":
