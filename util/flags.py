@@ -289,6 +289,15 @@ def default(name, kind):
     return BY_NAME[name].default_for(kind)
 
 
+def value(args, name):
+    """`args.<name>`, or the flag's table default where this script has no such flag (`eval`
+    on a pretraining run): one place for the default, instead of a getattr default per caller."""
+    if hasattr(args, name):
+        return getattr(args, name)
+    flag = BY_NAME[name]
+    return flag.default_for(FT) if isinstance(flag.default, PerScript) else flag.default
+
+
 def not_outcome():
     """Flags that do not change what a run computes: left out of the run signature."""
     return frozenset(f.name for f in TABLE if f.role != OUTCOME)

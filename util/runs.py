@@ -74,7 +74,7 @@ def outcome_settings(args, world_size):
            if (dests is None or k in dests) and k not in OUTCOME_EXCLUDED
            and not k.startswith("_")}
     global_batch = None
-    if getattr(args, "batch_size", None) is not None:
+    if getattr(args, "batch_size", None) is not None:  # absent from a bare Namespace
         out.pop("batch_size", None)
         out.pop("update_freq", None)
         global_batch = args.batch_size * (getattr(args, "update_freq", None) or 1) * int(world_size)
@@ -158,29 +158,29 @@ def prepare_run_dir(args, kind, world_size):
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    explicit = getattr(args, "output_dir", None)
+    explicit = flags.value(args, "output_dir")
     if explicit:
-        if getattr(args, "force", False):
+        if flags.value(args, "force"):
             raise UserError(f"--force starts a fresh run beside the one its settings name; with "
                             f"--output_dir, give a new folder instead of {explicit}")
         record = check_holds_this_run(explicit, args, world_size, kind)
-        if record.get("status") == "completed" and not getattr(args, "eval", False):
+        if record.get("status") == "completed" and not flags.value(args, "eval"):
             raise RunCompleted(f"run already completed: {explicit} ({_best_text(record)}); "
                                "give another --output_dir to train again", run_dir=explicit, record=record)
         os.makedirs(explicit, exist_ok=True)
         return str(explicit)
-    root = getattr(args, "runs_root", None) or DEFAULT_ROOT
+    root = flags.value(args, "runs_root") or DEFAULT_ROOT
     base = os.path.join(root, kind, run_name(args, world_size, kind))
     found = _siblings(base)
-    if not found and not getattr(args, "force", False):
+    if not found and not flags.value(args, "force"):
         base, found = _legacy_run(args, world_size, kind, root) or (base, found)
     newest = max(found) if found else None
-    if getattr(args, "force", False):
+    if flags.value(args, "force"):
         path = base if newest is None else f"{base}-r{newest + 1}"
     else:
         path = base if newest is None else found[newest]
         record = RunRecord.load(path)
-        if record and record.get("status") == "completed" and not getattr(args, "eval", False):
+        if record and record.get("status") == "completed" and not flags.value(args, "eval"):
             raise RunCompleted(f"run already completed: {path} ({_best_text(record)}); "
                                "pass --force to start a fresh run beside it",
                                run_dir=path, record=record)
@@ -204,7 +204,7 @@ def check_holds_this_run(path, args, world_size, kind):
     settings would resume from that run's checkpoints and overwrite them. Settings are compared
     by value with the folder's config.yaml (not by signature), so a run made by older code,
     before a flag was added, is still continued. Returns the folder's run.json (or {})."""
-    if getattr(args, "eval", False) or not os.path.isdir(path):
+    if flags.value(args, "eval") or not os.path.isdir(path):
         return {}  # evaluating writes only eval.json
     record = RunRecord.load(path) or {}
     if record.get("kind") not in (None, kind):

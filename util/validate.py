@@ -14,6 +14,7 @@ import tempfile
 import warnings
 
 from util.errors import UserError
+from util import flags
 from util.flags import first_failure
 
 
@@ -41,13 +42,13 @@ def check_args(args, kind):
     check_model_name(args.model, kind)
     if args.data_set != "synthetic" and args.data_path:
         _readable_dir(args.data_path, "--data_path")
-    if getattr(args, "eval_data_path", None):
+    if flags.value(args, "eval_data_path"):
         _readable_dir(args.eval_data_path, "--eval_data_path")
     for flag in ("resume", "finetune"):
         path = getattr(args, flag, "")
         if path:
             _readable_file(path, f"--{flag}")
-    if getattr(args, "eval", False) and not (args.resume or getattr(args, "finetune", "")):
+    if flags.value(args, "eval") and not (args.resume or flags.value(args, "finetune")):
         raise UserError("--eval True needs --resume or --finetune to know which weights to evaluate")
     check_writable(args.output_dir or os.path.join(args.runs_root or "runs", kind),
                    "--output_dir" if args.output_dir else "--runs_root")
@@ -115,7 +116,7 @@ def check_inputs(args, train_set, world_size, model_fn):
     if n // global_batch < args.update_freq:
         raise UserError(f"one epoch has {n // global_batch} batches, fewer than --update_freq "
                         f"{args.update_freq}; lower --update_freq or --batch_size")
-    if args.resume or getattr(args, "finetune", ""):
+    if args.resume or flags.value(args, "finetune"):
         check_checkpoints(args, model_fn)
 
 
@@ -137,7 +138,7 @@ def check_checkpoints(args, model_fn):
                             "entry); to start from other weights use --finetune")
         if model is not None:
             check_state_dict_matches(model, ckpt["model"], f"--resume {args.resume}")
-    if getattr(args, "finetune", ""):
+    if flags.value(args, "finetune"):
         ckpt = load_checkpoint(args.finetune, mmap=True)
         if model is not None:
             from main_finetune import finetune_state_dict
