@@ -2,6 +2,7 @@
 fine-tuning run, and every bad list refused in one line before anything is written."""
 import argparse
 import os
+import re
 
 import numpy as np
 import pytest
@@ -94,6 +95,28 @@ def test_fine_tuning_from_csv_files(lists, tmp_path):
     assert run_record(out)["status"] == "completed" and run_record(out)["bad_images"] == 1
     assert [line.split("\t")[:2] for line in (out / "bad_images.txt").read_text().splitlines()] == [["train", broken]]
     assert weights(out / "checkpoint-0.pth")["head.weight"].shape[0] == 3
+
+
+def test_header_is_read_leniently(lists, tmp_path):
+    """A spreadsheet's export: byte-order mark, spaces after the commas, quoted paths."""
+    d, train, _, _ = lists
+    (p0, c0), (p1, c1) = train[:2]
+    (tmp_path / "t.csv").write_text(f'\ufeff label , path\n{c0}, "{p0}"\n{c1},{p1}\n', encoding="utf-8")
+    ds, n = build_dataset(True, _args(d, data_path=str(tmp_path / "t.csv"), eval_data_path=None),
+                          transform=lambda img: img)
+    assert ds.samples == [(str(p0), sorted({c0, c1}).index(c0)), (str(p1), sorted({c0, c1}).index(c1))]
+    assert n == len({c0, c1}) == len(ds.classes)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("", "has no 'path' or 'label' column (header row: none)"),
+    ("path,label\n", "lists no images; add rows path,label below its header row"),
+    ("path,label\na.png\n", "line 2: empty path or label; every row needs both"),
+])
+def test_empty_lists_are_refused(lists, tmp_path, text, fragment):
+    (tmp_path / "t.csv").write_text(text)
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        check_data(_args(lists[0], data_path=str(tmp_path / "t.csv")))
 
 
 def _bad_inputs(d):
