@@ -1,22 +1,31 @@
 """FCMAE pre-training on Slurm (or locally) through submitit: every flag of main_pretrain.py plus
-the Slurm flags of util/slurm.py (--nodes, --ngpus, --timeout, --partition, ...). See docs/slurm.md.
+the Slurm flags of util/slurm/flags.py (--nodes, --ngpus, --timeout, --partition, ...). See docs/slurm.md.
 
     python submitit_pretrain.py --nodes 8 --ngpus 8 --model convnextv2_base --batch_size 64 \\
         --blr 1.5e-4 --epochs 1600 --warmup_epochs 40 --data_path /path/to/imagenet-1k \\
         --job_dir /path/to/save_results
 """
+import sys
+
 import main_pretrain
 from util import slurm
+from util.errors import exit_on_user_error
+from util.hpo.slurm import optimize_slurm
 
 
 def get_args_parser():
     return slurm.launcher_parser(main_pretrain)
 
 
+@exit_on_user_error
 def main(argv=None):
-    """Submit (or --dry_run) and return the exit code."""
-    return slurm.launch("pretrain", "main_pretrain", argv)
+    """Submit one run (or --dry_run), or with --optimize_config a search whose trials are jobs;
+    returns the exit code."""
+    launch = slurm.check_launch("pretrain", "main_pretrain", argv)
+    if launch.margs.optimize_config or launch.margs.storage:
+        return optimize_slurm(launch.kind, launch.args, launch.margs)
+    return slurm.submit_run(launch)
 
 
 if __name__ == "__main__":
-    slurm.run_launcher("pretrain", "main_pretrain")
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Hyperparameter search (util/hpo.py): trials are ordinary runs on the built-in data; pruning,
+"""Hyperparameter search (util/hpo/): trials are ordinary runs on the built-in data; pruning,
 reuse of completed runs, a pretraining study, a failed trial, a study in a database, TensorBoard
 HParams read back, a study killed and started again, two workers on one journal, a torchrun study
 whose pruned trial stops every rank, a Slurm submission sbatch refuses, and search files refused
@@ -16,6 +16,7 @@ import yaml
 
 import main_finetune
 import main_pretrain
+import submitit_finetune
 from tests.helpers import TINY, command, read_log, run, run_record, script_env
 from util import hpo, runs, slurm
 from util.config import parse_args
@@ -228,7 +229,7 @@ def test_refused_trial_job_ends_the_search_in_one_line(tmp_path, capsys, monkeyp
     spec = write_spec(tmp_path / "search.yaml", trials=4)
     launch = ["--cluster", "local", "--nodes", "1", "--ngpus", "1", "--parallel", "2"]
     with pytest.raises(SystemExit) as e:
-        slurm.launch("finetune", "main_finetune", launch + flags(tmp_path, spec))
+        submitit_finetune.main(launch + flags(tmp_path, spec))
     assert e.value.code == 2
     out, err = capsys.readouterr()
     err = err.strip().splitlines()

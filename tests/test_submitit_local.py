@@ -12,6 +12,7 @@ import pytest
 
 from util import runs
 from util import slurm as sl
+from util.slurm import cli as slurm_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "submitit_finetune.py")
@@ -159,23 +160,22 @@ def test_main_gets_only_its_own_flags_and_the_same_signature():
     argv = ["--model", "convnextv2_atto", "--batch_size", "32", "--data_set", "synthetic"]
     args = parse("--nodes", "2", "--ngpus", "4", "--partition", "p", "--slurm_extra", "a=b", *argv)
     main_parser = main_finetune.get_args_parser()
-    margs = sl.split_args(args, sl._dests(main_parser))
+    margs = sl.split_args(args)
     plain = parse_args(main_parser, argv)
     assert vars(margs) == vars(plain)
     assert runs.signature(margs, 8, "finetune") == runs.signature(plain, 8, "finetune")
 
 
 def test_run_dir_resolved_before_submission(tmp_path):
-    import main_finetune
     args = parse("--nodes", "2", "--ngpus", "2", "--model", "convnextv2_atto", "--data_set", "synthetic",
                  "--runs_root", str(tmp_path))
-    margs = sl.split_args(args, sl._dests(main_finetune.get_args_parser()))
+    margs = sl.split_args(args)
     run_dir, folder = sl.resolve_run(margs, args, "finetune", 4)
     assert run_dir == str(tmp_path / "finetune" / runs.run_name(margs, 4, "finetune"))
     assert margs.output_dir == run_dir and folder == os.path.join(run_dir, "slurm", "%j")
     # the original command lines' --job_dir is where results go
     args = parse("--job_dir", str(tmp_path / "results"), "--data_set", "synthetic")
-    margs = sl.split_args(args, sl._dests(main_finetune.get_args_parser()))
+    margs = sl.split_args(args)
     assert sl.resolve_run(margs, args, "finetune", 16) == (
         str(tmp_path / "results"), str(tmp_path / "results" / "slurm" / "%j"))
 
@@ -228,8 +228,9 @@ def test_partition_limits_from_what_slurm_says(monkeypatch):
                     "MaxTime": "3-00:00:00"},
             "cpu": {"PartitionName": "cpu", "Default": "NO", "TotalNodes": "4", "MaxNodes": "UNLIMITED",
                     "MaxTime": "UNLIMITED"}}
-    monkeypatch.setattr(sl, "partitions", lambda: fake)
-    monkeypatch.setattr(sl, "_node_resources", lambda name: (96, 512000, True) if name == "gpu" else (32, 64000, False))
+    monkeypatch.setattr(slurm_cli, "partitions", lambda: fake)
+    monkeypatch.setattr(slurm_cli, "node_resources",
+                        lambda name: (96, 512000, True) if name == "gpu" else (32, 64000, False))
 
     def problem(*argv):
         try:

@@ -1,0 +1,64 @@
+"""The driver of a study: take the next trial under the study lock (orphans first) and hand it
+to a launcher, until the study has `trials` finished or running ones."""
+import threading
+
+from util import distributed as du
+from util.hpo.study import next_trial, open_storage, open_study, study_dir, study_lock
+
+
+def run_study(args, kind, spec, make_launcher, parallel=1, sdir=None):
+    """The driver (every rank under torchrun calls it; rank 0 decides): open the study, then
+    take trials (orphans first) and hand each to `launch(job) -> Outcome` until the study has
+    `trials` finished or running ones. `make_launcher(study, storage, stop)` (study and storage
+    are None off rank 0) gives `launch`: the local launcher trains the trial on every rank of
+    this group; the Slurm launcher submits it as a job that reports and tells itself, and waits
+    for it, `parallel` of them at once (one thread each). `stop` (a threading.Event) is set when
+    one thread fails (e.g. sbatch refused its job): the others take no new trial and stop
+    waiting for their jobs (which still tell the study), and the error ends the search.
+    Returns (study, "done" | "preempted")."""
+    sdir = sdir or study_dir(args, spec)
+    study = storage = None
+    if du.is_main_process():
+        with study_lock(sdir):
+            storage = open_storage(getattr(args, "storage", None), sdir)
+            study = open_study(args, spec, sdir, kind, storage)
+    stop = threading.Event()
+    launch = make_launcher(study, storage, stop)
+    if parallel <= 1:
+        return study, _drive(study, storage, spec, sdir, launch)
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(_drive(study, storage, spec, sdir, launch, stop))
+        except BaseException as e:  # re-raised in the main thread
+            errors.append(e)
+            stop.set()
+    threads = [threading.Thread(target=worker, daemon=True, name=f"trials-{i}") for i in range(parallel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(timeout=1.0)  # wakes up for Ctrl-C
+    if errors:
+        raise errors[0]
+    return study, "preempted" if "preempted" in results else "done"
+
+
+def _drive(study, storage, spec, sdir, launch, stop=None):
+    """Take trials and launch them until there is none left to take (or `stop` is set: only
+    with several driver threads, so no rank waits for a broadcast)."""
+    while True:
+        if stop is not None and stop.is_set():
+            return "stopped"
+        job, lease = next_trial(study, storage, spec, sdir) if du.is_main_process() else (None, None)
+        job = du.broadcast_object(job)
+        if job is None:
+            return "done"
+        try:
+            outcome = launch(job)
+        finally:
+            if lease is not None:
+                lease.release()
+        if outcome is not None and outcome.state == "preempted":
+            return "preempted"
