@@ -263,14 +263,14 @@ def test_range_or_choice_is_one_line_and_writes_nothing(tmp_path, name, script, 
 
 
 def _failing_checks(script, flags):
-    """The keys of the flag table's checks (util/flags.checks) that `flags` fail, and the keys
-    of all checks of the script."""
+    """The keys of the flag table's checks (util/flags.checks) that `flags` fail, the keys of
+    all checks of the script, and the parsed args."""
     from util import flags as flag_table
     from util.config import parse_args
     kind, common = ("finetune", FT) if script == F else ("pretrain", PRE)
     args = parse_args(flag_table.build_parser(kind, "test"), common + ["--output_dir", "unused"] + flags)
     entries = flag_table.checks(kind)
-    return {key for key, check in entries if check(args)}, {key for key, _ in entries}
+    return {key for key, check in entries if check(args)}, {key for key, _ in entries}, args
 
 
 def test_range_rows_cover_every_check():
@@ -284,7 +284,7 @@ def test_range_rows_cover_every_check():
             covered["finetune"] |= failing
             covered["pretrain"] |= failing
     for script, kind in ((F, "finetune"), (P, "pretrain")):
-        failing, keys = _failing_checks(script, [])
+        failing, keys, _args = _failing_checks(script, [])
         assert not failing, "the common flags of the rows must pass every check"
         assert keys - covered[kind] == set(), script
 

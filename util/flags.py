@@ -106,7 +106,7 @@ TABLE = (
     # ------------------------------------------------------------ data
     _flag("data_path", "", str, "dataset: a folder with train/ and val/ class folders (image_folder, IMNET, "
                                 "CIFAR) or the training CSV (csv)"),
-    _flag("data_set", "IMNET", str, "synthetic (built in) | image_folder | IMNET | CIFAR | csv"),
+    _flag("data_set", "IMNET", str, "the kind of dataset: {data_sets} (synthetic is built in)"),
     _flag("imagenet_default_mean_and_std", True, str2bool, "normalise with ImageNet's mean and std (False: 0.5)"),
     _flag("crop_pct", None, float, "evaluation centre-crop fraction (default 224/256 below 384 px)",
           checks=(R(0, 1, low_open=True),)),
@@ -333,7 +333,7 @@ def add_flags(parser, kind, group=None):
     """Add the flags of `kind` to an argparse parser (or to `group` of it). Returns the parser."""
     add = (group or parser).add_argument
     for f in flags_of(kind):
-        kw = dict(default=f.default_for(kind), help=f.help or None)
+        kw = dict(default=f.default_for(kind), help=_help(f))
         if f.action:
             kw["action"] = f.action
         if f.type is not None and f.action != "store_true":
@@ -345,6 +345,13 @@ def add_flags(parser, kind, group=None):
             kw["choices"] = f.choices
         add(f"--{f.name}", *f.aliases, **kw)
     return parser
+
+
+def _help(flag):
+    if "{data_sets}" not in flag.help:
+        return flag.help or None
+    from util.data import DATA_SETS  # the dataset registry names the kinds
+    return flag.help.format(data_sets=" | ".join(DATA_SETS))
 
 
 def build_parser(kind, description):

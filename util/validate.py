@@ -15,6 +15,7 @@ import warnings
 
 from util.errors import UserError
 from util import flags
+from util.data import check_paths
 from util.flags import first_failure
 
 
@@ -40,10 +41,7 @@ def check_args(args, kind):
     if kind == "finetune":
         _check_train_transform(args)
     check_model_name(args.model, kind)
-    if args.data_set != "synthetic" and args.data_path:
-        _readable_dir(args.data_path, "--data_path")
-    if flags.value(args, "eval_data_path"):
-        _readable_dir(args.eval_data_path, "--eval_data_path")
+    check_paths(args)  # --data_path / --eval_data_path: folders, or files for --data_set csv
     for flag in ("resume", "finetune"):
         path = getattr(args, flag, "")
         if path:
@@ -58,23 +56,17 @@ def check_args(args, kind):
 
 def check_model_name(name, kind):
     """Unknown names end with the close matches (models.create_model's message)."""
-    from models import create_fcmae, create_model, model_names
+    from models import ModelError, create_fcmae, create_model, model_names
     if name in model_names():
         return
-    if kind == "pretrain":
-        create_fcmae(name)  # FCMAE needs one of ours: raises with the close names
-    import timm
-    if not timm.is_model(name):
-        create_model(name)  # raises with the close names
-
-
-def _readable_dir(path, flag):
-    if not os.path.isdir(path):
-        raise UserError(f"{flag} {path}: no such directory")
     try:
-        os.listdir(path)
-    except OSError as e:
-        raise UserError(f"{flag} {path} cannot be read ({e.strerror}); check its permissions") from None
+        if kind == "pretrain":
+            create_fcmae(name)  # FCMAE needs one of ours: raises with the close names
+        import timm
+        if not timm.is_model(name):
+            create_model(name)  # raises with the close names
+    except ModelError as e:
+        raise UserError(str(e)) from None
 
 
 def _readable_file(path, flag):
@@ -141,12 +133,11 @@ def check_checkpoints(args, model_fn):
     if flags.value(args, "finetune"):
         ckpt = load_checkpoint(args.finetune, mmap=True)
         if model is not None:
-            from main_finetune import finetune_state_dict
-            from models.weights import fit
-            sd = finetune_state_dict(args, ckpt)
+            from models.errors import ModelError
+            from models.weights import fit, select_state_dict
             with warnings.catch_warnings():  # the real load warns about a dropped head once
                 warnings.simplefilter("ignore")
-                try:
-                    fit(model, sd)  # converts for our ConvNeXt V2 only, as the real load
-                except UserError as e:
+                try:  # converts for our ConvNeXt V2 only, as the real load
+                    fit(model, select_state_dict(ckpt, args.model_key, args.model_prefix))
+                except ModelError as e:
                     raise UserError(f"--finetune {args.finetune}: {e}") from None
