@@ -1,21 +1,135 @@
-"""One fine-tuning epoch and evaluation (top-1, top-5, loss with exact distributed counts)."""
+"""Fine-tuning as a Task (util/trainer.py): the classes and model (ours or any timm model, from
+--finetune weights), the loss of a batch (mixup / cutmix, label smoothing), evaluation (top-1,
+top-5, loss with exact distributed counts, the EMA too) and the best metric."""
+import argparse
+import os
+
 import torch
 import torch.distributed as dist
 
-from util.train_loop import LoopState, run_epoch
+from models.errors import ModelError
+from util.console import info
+from util.errors import UserError
+from util.trainer import Task, as_user_error
 
 
-def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, state: LoopState,
-                    mixup_fn=None, start_step=0):
-    """Train for one epoch (from micro-step `start_step` when resuming). Returns train stats."""
+def build_model(args, nb_classes):
+    """This run's classifier (also what the Slurm launcher's checkpoint check builds)."""
+    from models import create_model
+    try:
+        return create_model(args.model, num_classes=nb_classes, drop_path_rate=args.drop_path,
+                            head_init_scale=args.head_init_scale)
+    except ModelError as e:
+        raise as_user_error(e, {"drop_path_rate": "--drop_path"}) from None
 
-    def loss_fn(m, batch):
-        samples, targets = batch
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
-        return criterion(m(samples), targets), None
 
-    return run_epoch(model, loss_fn, data_loader, optimizer, device, epoch, state, start_step)
+def build_mixup(args, nb_classes):
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=nb_classes)
+
+
+def build_criterion(args, mixup_fn):
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if mixup_fn is not None:
+        return SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def classification_loss(model, batch, criterion, mixup_fn=None):
+    """The loss of one fine-tuning batch: mixed first when mixup / cutmix is on."""
+    samples, targets = batch
+    if mixup_fn is not None:
+        samples, targets = mixup_fn(samples, targets)
+    return criterion(model(samples), targets), None
+
+
+def load_finetune_weights(args, model):
+    """Start from a checkpoint's weights: ours (fine-tune or FCMAE) or an official one into our
+    ConvNeXt V2, or a timm model's own checkpoint into it (models.weights.load_into). Returns
+    the run.json fields naming the source."""
+    from models.weights import load_into, select_state_dict
+    from util.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(args.finetune)
+    try:
+        missing, unexpected = load_into(model, select_state_dict(ckpt, args.model_key, args.model_prefix))
+    except ModelError as e:
+        raise UserError(f"--finetune {args.finetune}: {e}") from None
+    info(f"loaded {args.finetune}: missing keys {missing or 'none'}, unexpected keys {unexpected or 'none'}")
+    src = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+    src = vars(src) if isinstance(src, argparse.Namespace) else src  # official checkpoints
+    src = src if isinstance(src, dict) else {}
+    return {"finetune_from": os.path.abspath(args.finetune),
+            "finetune_from_signature": (ckpt.get("extra") or {}).get("signature") if isinstance(ckpt, dict) else None,
+            "finetune_from_model": src.get("model")}
+
+
+class FinetuneTask(Task):
+    """Fine-tuning (and --eval): what differs from pretraining."""
+    kind = "finetune"
+    lower_is_better = False
+
+    def __init__(self, args, dist):
+        from util.data import build_dataset, build_eval_loader, check_same_classes
+        train_set, nb_classes = build_dataset(True, args)
+        val_set = None if args.disable_eval and not args.eval else build_dataset(False, args)[0]
+        if val_set is not None:
+            check_same_classes(train_set, val_set)
+        super().__init__(args, dist, train_set, val_set, nb_classes)
+        self.best_name = "test_acc1_ema" if (args.model_ema and args.model_ema_eval) else "test_acc1"
+        self.mixup_fn = build_mixup(args, nb_classes)
+        self.criterion = build_criterion(args, self.mixup_fn)
+        self.val_loader = None if val_set is None else build_eval_loader(val_set, args, dist.world_size, dist.rank)
+
+    def build_model(self):
+        return build_model(self.args, self.nb_classes)
+
+    def prepare(self, model):
+        return load_finetune_weights(self.args, model) if self.args.finetune else {}
+
+    def make_ema(self, model):
+        if not self.args.model_ema:
+            return None
+        from timm.utils import ModelEmaV3
+        return ModelEmaV3(model, decay=self.args.model_ema_decay,
+                          device="cpu" if self.args.model_ema_force_cpu else None)
+
+    def wd_schedule(self, updates):
+        from util.optim import wd_schedule
+        return wd_schedule(self.args, updates)
+
+    def loss(self, model, batch):
+        return classification_loss(model, batch, self.criterion, self.mixup_fn)
+
+    def evaluate(self, models, epoch):
+        if self.val_loader is None:
+            return None
+        return {f"test_{k}": v for k, v in self.evaluate_models(models).items()}
+
+    def evaluate_models(self, models):
+        """The model, and the EMA with --model_ema_eval (on its own device: --model_ema_force_cpu)."""
+        args, device = self.args, self.dist.device
+        stats = evaluate(self.val_loader, models.model, device, models.amp, reduce=args.dist_eval,
+                         channels_last=args.channels_last)
+        if models.ema is not None and args.model_ema_eval:
+            ema_device = next(models.ema.module.parameters()).device
+            ema = evaluate(self.val_loader, models.ema.module, ema_device,
+                           models.amp if ema_device == device else None, reduce=args.dist_eval,
+                           channels_last=args.channels_last)
+            stats.update({f"{k}_ema": v for k, v in ema.items()})
+        return stats
+
+    def final_eval(self, models):
+        stats = {**self.evaluate_models(models), **self.bad_images()}
+        info(f"Accuracy of the network on the {stats['n']} test images: {stats['acc1']:.2f}%")
+        if "acc1_ema" in stats:
+            info(f"Accuracy of the EMA model: {stats['acc1_ema']:.2f}%")
+        return stats
 
 
 @torch.no_grad()
@@ -47,5 +161,5 @@ def evaluate(data_loader, model, device, amp=None, reduce=True, channels_last=Fa
     loss, c1, c5, n = sums.tolist()
     n = max(n, 1)
     stats = {"loss": loss / n, "acc1": 100 * c1 / n, "acc5": 100 * c5 / n, "n": int(n)}
-    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} (n={stats['n']})")
+    info(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} (n={stats['n']})")
     return stats

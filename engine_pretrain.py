@@ -1,18 +1,74 @@
-"""One FCMAE pretraining epoch, and the image grid people look at to judge a run."""
+"""FCMAE pretraining as a Task (util/trainer.py): the model, the loss of a batch (masked patches
+reconstructed), the best metric (the lowest training loss) and the image grid people look at in
+TensorBoard to judge a run."""
 import torch
 
-from util.train_loop import LoopState, run_epoch
+from models.errors import ModelError
+from util.trainer import Task, as_user_error
+
+# the arguments of models.create_fcmae and the flags that set them
+FLAGS = {"mask_ratio": "--mask_ratio", "decoder_depth": "--decoder_depth",
+         "decoder_embed_dim": "--decoder_embed_dim"}
 
 
-def train_one_epoch(model, data_loader, optimizer, device, epoch, state: LoopState, mask_ratio,
-                    start_step=0):
-    """Train for one epoch (from micro-step `start_step` when resuming). Returns train stats."""
+def build_model(args):
+    """This run's FCMAE (also what the Slurm launcher's checkpoint check builds)."""
+    from models import create_fcmae
+    try:
+        return create_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth,
+                            decoder_embed_dim=args.decoder_embed_dim, norm_pix_loss=args.norm_pix_loss,
+                            img_size=args.input_size)
+    except ModelError as e:
+        raise as_user_error(e, FLAGS) from None
 
-    def loss_fn(m, batch):
-        loss, _, _ = m(batch[0], mask_ratio=mask_ratio)
-        return loss, None
 
-    return run_epoch(model, loss_fn, data_loader, optimizer, device, epoch, state, start_step)
+def masked_loss(model, batch, mask_ratio):
+    """The loss of one pretraining batch: the removed patches' reconstruction error."""
+    loss, _, _ = model(batch[0], mask_ratio=mask_ratio)
+    return loss, None
+
+
+class PretrainTask(Task):
+    """FCMAE pretraining: what differs from fine-tuning."""
+    kind = "pretrain"
+    label = "FCMAE"
+    best_name, lower_is_better = "train_loss", True
+    betas = (0.9, 0.95)
+
+    def __init__(self, args, dist):
+        from util.data import build_dataset, build_pretrain_transform
+        train_set, _ = build_dataset(True, args, transform=build_pretrain_transform(args))
+        super().__init__(args, dist, train_set)
+        self.vis_images = None  # the grid's images, read at its first drawing (rank 0)
+
+    def build_model(self):
+        return build_model(self.args)
+
+    def loss(self, model, batch):
+        return masked_loss(model, batch, self.args.mask_ratio)
+
+    def show(self, tb, models, epoch):
+        """The reconstruction grid every --vis_freq epochs and after the last one (rank 0)."""
+        args = self.args
+        if not (self.dist.is_main and args.vis_freq > 0 and (epoch % args.vis_freq == 0 or epoch + 1 == args.epochs)):
+            return
+        from util.data import mean_std
+        if self.vis_images is None:
+            from util.data import build_dataset
+            vis_set, _ = build_dataset(True, args, transform=_vis_transform(args))
+            self.vis_images = torch.stack([vis_set[i][0] for i in range(min(8, len(vis_set)))]).to(self.dist.device)
+        with models.amp.autocast():
+            grid = reconstruction_grid(models.unwrapped, self.vis_images, *mean_std(args), args.mask_ratio)
+        tb.image("reconstruction (original / masked / reconstructed)", grid, epoch)
+
+
+def _vis_transform(args):
+    from torchvision import transforms
+
+    from util.data import mean_std
+    mean, std = mean_std(args)
+    return transforms.Compose([transforms.Resize(args.input_size), transforms.CenterCrop(args.input_size),
+                               transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 @torch.no_grad()

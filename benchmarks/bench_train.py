@@ -6,8 +6,9 @@
     python benchmarks/bench_train.py --startup                           # README demo: first step
 
 Contenders are timed round-robin (machine stalls hit all of them), each a median over rounds.
-Engines run through engine_finetune.train_one_epoch / engine_pretrain.train_one_epoch /
-engine_finetune.evaluate themselves, fed from an in-memory loader. Each contender's very first
+Engines run through the real epoch loop (util/train_loop.train_one_epoch) with the tasks' own
+losses (engine_finetune.classification_loss, engine_pretrain.masked_loss) and
+engine_finetune.evaluate, fed from an in-memory loader. Each contender's very first
 step is timed on its own (one-time costs: allocator, cuDNN autotuning, compilation), and its
 peak memory is measured per contender (see PeakMemory). `forward_gmacs` is counted with
 torch.utils.flop_counter on one forward at batch 1; `mfu` = 3 x 2 x MACs x img/s / the device's
@@ -202,40 +203,18 @@ def forward_macs(model, input_size, device, channels_last):
     return counter.get_total_flops() / 2
 
 
-def build_contenders(a):
-    import timm
-    import engine_finetune
-    import engine_pretrain
-    from util.speed import maybe_compile
-    from models import create_fcmae, create_model
-    from util.optim import create_optimizer
-    from util.train_loop import Amp
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _batches(a, device):
+    """The prepared batches every contender trains on (on the device, in its memory format)."""
     fmt = torch.channels_last if a.channels_last else torch.contiguous_format
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(a.batch_size, 3, a.input_size, a.input_size, generator=g),
                 torch.randint(0, 1000, (a.batch_size,), generator=g)) for _ in range(a.steps)]
-    batches = [(x.to(device).contiguous(memory_format=fmt), y.to(device)) for x, y in batches]
-    loader = InMemoryLoader(batches)
-    amp = Amp.create(a.use_amp, device)
-    opt_args = argparse.Namespace(weight_decay=0.05, layer_decay=1.0, opt="adamw", opt_eps=1e-8, opt_betas=None,
-                                  lr=1e-4, momentum=0.9, device=str(device))
+    return [(x.to(device).contiguous(memory_format=fmt), y.to(device)) for x, y in batches]
 
-    def prep(m):
-        m = m.to(device)
-        return m.to(memory_format=torch.channels_last) if a.channels_last else m
 
-    ours = prep(create_model(a.model, num_classes=1000))
-    ours_opt = create_optimizer(opt_args, ours)
-    ours_run = maybe_compile(ours, a.compile)
-    crit = torch.nn.CrossEntropyLoss()
-    st = _loop_state(amp, a.steps)
-    fcmae = prep(create_fcmae(a.model, decoder_embed_dim=512))
-    fcmae_opt = create_optimizer(opt_args, fcmae, betas=(0.9, 0.95))
-    fcmae_run = maybe_compile(fcmae, a.compile)
-    st_pre = _loop_state(amp, a.steps)
-    ref = prep(timm.create_model(a.model, num_classes=1000))
+def _plain_timm(a, ref, amp, crit):
+    """The reference contender: a plain training loop over timm's own model, AdamW."""
+    from util.speed import maybe_compile
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.05)
     ref_run = maybe_compile(ref, a.compile)  # the same fallback as ours where compiling fails
 
@@ -247,12 +226,49 @@ def build_contenders(a):
             loss.backward()
             ref_opt.step()
             ref_opt.zero_grad(set_to_none=True)
+    return plain
+
+
+def build_contenders(a):
+    import functools
+
+    import timm
+    import engine_finetune
+    import engine_pretrain
+    from util.speed import maybe_compile
+    from models import create_fcmae, create_model
+    from util.optim import create_optimizer
+    from util.train_loop import Amp, train_one_epoch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batches = _batches(a, device)
+    loader = InMemoryLoader(batches)
+    amp = Amp.create(a.use_amp, device)
+    opt_args = argparse.Namespace(weight_decay=0.05, layer_decay=1.0, opt="adamw", opt_eps=1e-8, opt_betas=None,
+                                  momentum=0.9)
+
+    def prep(m):
+        m = m.to(device)
+        return m.to(memory_format=torch.channels_last) if a.channels_last else m
+
+    ours = prep(create_model(a.model, num_classes=1000))
+    ours_opt = create_optimizer(opt_args, ours, 1e-4, device)
+    ours_run = maybe_compile(ours, a.compile)
+    crit = torch.nn.CrossEntropyLoss()
+    st = _loop_state(amp, a.steps)
+    fcmae = prep(create_fcmae(a.model, decoder_embed_dim=512))
+    fcmae_opt = create_optimizer(opt_args, fcmae, 1e-4, device, betas=(0.9, 0.95))
+    fcmae_run = maybe_compile(fcmae, a.compile)
+    st_pre = _loop_state(amp, a.steps)
+    plain = _plain_timm(a, prep(timm.create_model(a.model, num_classes=1000)), amp, crit)
 
     def finetune(ld):
-        engine_finetune.train_one_epoch(ours_run, crit, ld, ours_opt, device, 0, st)
+        train_one_epoch(ours_run, functools.partial(engine_finetune.classification_loss, criterion=crit), ld,
+                        ours_opt, device, 0, st)
 
     def pretrain(ld):
-        engine_pretrain.train_one_epoch(fcmae_run, ld, fcmae_opt, device, 0, st_pre, mask_ratio=0.6)
+        train_one_epoch(fcmae_run, functools.partial(engine_pretrain.masked_loss, mask_ratio=0.6), ld,
+                        fcmae_opt, device, 0, st_pre)
 
     def evaluate(ld):
         engine_finetune.evaluate(ld, ours_run, device, amp, reduce=False, channels_last=a.channels_last)
@@ -266,15 +282,13 @@ def build_contenders(a):
 
 
 def bench_engines(a):
-    import builtins
+    import contextlib
     from util.speed import tune_allocator
     tuned = tune_allocator(True) if not a.no_malloc_tuning else False
     t0 = time.perf_counter()
     contenders, device, model = build_contenders(a)
     mem = PeakMemory(device)
-    quiet = builtins.print
-    builtins.print = lambda *x, **k: None  # evaluate() prints its accuracy line
-    try:
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # the engines' lines
         for c in contenders:  # each one's very first step, alone
             c.run_first(device)
         for c in contenders:  # a whole warm-up call (allocator, autotuning, shapes), untimed
@@ -282,8 +296,6 @@ def bench_engines(a):
         for _ in range(a.rounds):
             for c in contenders:
                 c.run(device, mem)
-    finally:
-        builtins.print = quiet
     elapsed = time.perf_counter() - t0
     macs = forward_macs(model, a.input_size, device, a.channels_last)
     out = {f"{c.name}_img_per_s": round(c.img_per_s(), 2) for c in contenders}

@@ -6,9 +6,9 @@ import difflib
 
 from models import convnextv2
 from models.convnextv2 import VARIANTS, ConvNeXtV2
-from util.errors import UserError
+from models.errors import ModelError
 
-__all__ = ["create_model", "create_fcmae", "model_names", "ConvNeXtV2", "VARIANTS"]
+__all__ = ["create_model", "create_fcmae", "model_names", "ConvNeXtV2", "VARIANTS", "ModelError"]
 
 
 def model_names():
@@ -19,7 +19,7 @@ def model_names():
 def _unknown(name, candidates, what, choices):
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else f"choose {choices}"
-    return UserError(f"unknown {what} {name!r}; {hint}")
+    return ModelError(f"unknown {what} {name!r}; {hint}")
 
 
 def create_model(name, **kwargs):

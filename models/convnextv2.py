@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from util.errors import UserError
+from models.errors import ModelError
 
 # name -> (depths, dims); the table of the paper.
 VARIANTS = {
@@ -258,8 +258,7 @@ class ConvNeXtV2(nn.Module):
         if len(depths) != len(dims):
             raise ValueError("depths and dims must have the same length")
         if not 0.0 <= drop_path_rate < 1.0:
-            raise UserError(f"drop_path_rate {drop_path_rate} is outside [0, 1); "
-                            "pass e.g. --drop_path 0.1")
+            raise ModelError(f"drop_path_rate {drop_path_rate} is outside [0, 1); use e.g. 0.1")
         self.depths = list(depths)
         self.dims = list(dims)
         self.num_classes = num_classes

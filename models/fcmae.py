@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from models.convnextv2 import Block, ConvNeXtV2, init_weights, variant_builder
-from util.errors import UserError
+from models.errors import ModelError
 
 
 def _check_ratio(mask_ratio):
     if not 0.0 < mask_ratio < 1.0:
-        raise UserError(f"mask_ratio {mask_ratio} is outside (0, 1); pass e.g. --mask_ratio 0.6")
+        raise ModelError(f"mask_ratio {mask_ratio} is outside (0, 1); use e.g. 0.6")
 
 
 class FCMAE(nn.Module):
@@ -27,11 +27,11 @@ class FCMAE(nn.Module):
         _check_ratio(mask_ratio)
         self.encoder = ConvNeXtV2(in_chans=in_chans, depths=depths, dims=dims, with_head=False)
         if patch_size != self.encoder.stride:
-            raise UserError(f"patch_size {patch_size} must equal the encoder's total stride "
-                            f"{self.encoder.stride}; pass --patch_size {self.encoder.stride}")
+            raise ModelError(f"patch_size {patch_size} must equal the encoder's total stride "
+                             f"{self.encoder.stride}; use patch_size={self.encoder.stride}")
         if decoder_depth < 0 or decoder_embed_dim < 1:
-            raise UserError(f"decoder_depth {decoder_depth} / decoder_embed_dim "
-                            f"{decoder_embed_dim} are invalid; use e.g. 1 / 512")
+            raise ModelError(f"decoder_depth {decoder_depth} / decoder_embed_dim "
+                             f"{decoder_embed_dim} are invalid; use e.g. 1 / 512")
         self.img_size = img_size  # the default; any multiple of patch_size works
         self.in_chans = in_chans
         self.patch_size = patch_size
@@ -103,11 +103,11 @@ class FCMAE(nn.Module):
         n, c, h, w = imgs.shape
         p = self.patch_size
         if h % p or w % p:
-            raise UserError(f"input size {h}x{w} is not a multiple of the patch size {p}; "
-                            f"use --input_size {max(p, h // p * p)}")
+            raise ModelError(f"input size {h}x{w} is not a multiple of the patch size {p}; "
+                             f"use e.g. {max(p, h // p * p)}x{max(p, w // p * p)}")
         if c != self.in_chans:
-            raise UserError(f"input has {c} channels but the model expects {self.in_chans}; "
-                            "set --in_chans to match the data")
+            raise ModelError(f"input has {c} channels but the model expects {self.in_chans}; "
+                             "build it with in_chans to match the data")
         grid = (h // p, w // p)
         if mask is None:
             mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio

@@ -10,17 +10,22 @@ Anything it cannot place is an error, not a silently skipped key. These conversi
 our `ConvNeXtV2` only: a timm model (`--model resnet18`, timm's own `convnextv2_*`) already uses
 its own names, so its checkpoints only lose wrapper prefixes (see `state_dict_for`).
 
+`select_state_dict` picks the weights out of a checkpoint as fine-tuning does (key, prefix).
+Errors are `ModelError`s naming the arguments, not the scripts' flags (models/errors.py).
+
 CLI: python -m models.weights to_timm IN OUT [--model-key model|module]
 """
 import argparse
 import math
 import os
 import re
+import sys
 import warnings
+from typing import NamedTuple
 
 import torch
 
-from util.errors import UserError, exit_on_user_error
+from models.errors import ModelError
 
 DECODER_PREFIXES = ("proj.", "decoder.", "pred.", "mask_token")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, a wrapping module
@@ -31,30 +36,48 @@ def pick_state_dict(checkpoint, model_key=DEFAULT_MODEL_KEY):
     """The weights in a loaded checkpoint: the first of `model_key` ('a|b') present, or the
     object itself when it already is a state dict."""
     if not isinstance(checkpoint, dict):
-        raise UserError(f"checkpoint holds a {type(checkpoint).__name__}, not a dict of "
-                        "weights; pass a ConvNeXt V2 checkpoint file")
+        raise ModelError(f"checkpoint holds a {type(checkpoint).__name__}, not a dict of "
+                         "weights; pass a ConvNeXt V2 checkpoint file")
     for key in model_key.split("|"):
         if key in checkpoint and isinstance(checkpoint[key], dict):
             return checkpoint[key]
     if checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
         return checkpoint
-    raise UserError(f"checkpoint has none of the keys {model_key!r} (it has "
-                    f"{', '.join(map(str, list(checkpoint)[:8]))}); pass --model_key <key>")
+    raise ModelError(f"checkpoint has none of the keys {model_key!r} (it has "
+                     f"{', '.join(map(str, list(checkpoint)[:8]))}); name the key of the weights as model_key")
 
 
 def load_file(path, model_key=DEFAULT_MODEL_KEY):
     """The state dict stored in a checkpoint file (weights-only load, on CPU)."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint file {path} does not exist; check the path")
+        raise ModelError(f"checkpoint file {path} does not exist; check the path")
     try:
         # official checkpoints carry their argparse.Namespace under "args": allow just that
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files, non-weights objects
-        raise UserError(f"cannot read checkpoint {path} with weights_only=True "
+        raise ModelError(f"cannot read checkpoint {path} with weights_only=True "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                         "pass a checkpoint saved by this suite or an official release") from None
     return pick_state_dict(checkpoint, model_key)
+
+
+def select_state_dict(checkpoint, model_key=DEFAULT_MODEL_KEY, prefix=""):
+    """The weights fine-tuning takes from a loaded checkpoint: the entry under the first of
+    `model_key` ('a|b') present, else the checkpoint itself; with `prefix`, only the keys that
+    start with it, without it."""
+    sd = checkpoint
+    if isinstance(checkpoint, dict):
+        for key in model_key.split("|"):
+            if key in checkpoint:
+                sd = checkpoint[key]
+                break
+    if not isinstance(sd, dict):
+        raise ModelError(f"the checkpoint holds no dict of weights (under {model_key!r} or at its top); "
+                         "pass a checkpoint file")
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
 
 
 def _strip_wrappers(sd, own=()):
@@ -71,7 +94,7 @@ def _kernel_to_weight(kernel):
     (depthwise); the kernel offsets run with the spatial axes transposed."""
     ks = math.isqrt(kernel.shape[0])
     if ks * ks != kernel.shape[0]:
-        raise UserError(f"sparse kernel of shape {tuple(kernel.shape)} is not square; "
+        raise ModelError(f"sparse kernel of shape {tuple(kernel.shape)} is not square; "
                         "the checkpoint is not a ConvNeXt V2 FCMAE checkpoint")
     if kernel.dim() == 3:
         _, cin, cout = kernel.shape
@@ -79,7 +102,7 @@ def _kernel_to_weight(kernel):
     if kernel.dim() == 2:
         dim = kernel.shape[1]
         return kernel.permute(1, 0).reshape(dim, 1, ks, ks).transpose(2, 3).contiguous()
-    raise UserError(f"sparse kernel of shape {tuple(kernel.shape)} cannot be placed; "
+    raise ModelError(f"sparse kernel of shape {tuple(kernel.shape)} cannot be placed; "
                     "the checkpoint is not a ConvNeXt V2 FCMAE checkpoint")
 
 
@@ -137,7 +160,7 @@ def check_fit(own, sd, head=("head.",), allowed_missing=("head.", "norm.")):
     """Which entries of the converted `sd` fit `own` (a model's state dict, meta tensors are
     fine). Keys under the `head` prefixes (the classifier) that the model lacks or has in
     another shape are dropped with a warning; any other key or shape that does not fit, or a
-    missing key outside `allowed_missing` and `head`, raises UserError."""
+    missing key outside `allowed_missing` and `head`, raises ModelError."""
     problems, placed, dropped = [], {}, []
     for key, value in sd.items():
         in_head = key.startswith(tuple(head))
@@ -158,15 +181,15 @@ def check_fit(own, sd, head=("head.",), allowed_missing=("head.", "norm.")):
         warnings.warn(f"dropping the checkpoint's classifier head ({'; '.join(dropped)}): the "
                       "model has another number of classes, its head stays freshly initialised")
     if not placed:
-        raise UserError("the checkpoint is neither a ConvNeXt V2 checkpoint (ours or official) "
-                        "nor one of this model (no key fits); pass a matching checkpoint")
+        raise ModelError("the checkpoint is neither a ConvNeXt V2 checkpoint (ours or official) "
+                         "nor one of this model (no key fits); pass a matching checkpoint")
     missing = [k for k in own if k not in sd]
     bad_missing = [k for k in missing if not k.startswith(tuple(allowed_missing) + tuple(head))]
     if bad_missing:
         problems.append(f"missing {len(bad_missing)} keys, e.g. {', '.join(bad_missing[:3])}")
     if problems:
-        raise UserError(f"checkpoint does not fit the model: {_describe(problems)}; "
-                        "pass a checkpoint of the same --model")
+        raise ModelError(f"checkpoint does not fit the model: {_describe(problems)}; "
+                         "pass a checkpoint of the same model")
     return placed
 
 
@@ -187,10 +210,16 @@ def fit(model, sd):
                      classifier_prefixes(model), allowed)
 
 
+class Loaded(NamedTuple):
+    """What `load_into` left: the model's keys the checkpoint did not fill, and the reverse."""
+    missing: list
+    unexpected: list
+
+
 def load_into(model, sd):
-    """Load `sd` into `model`, non-strictly, after `fit`. Returns (missing, unexpected)."""
+    """Load `sd` into `model`, non-strictly, after `fit`. Returns Loaded(missing, unexpected)."""
     result = model.load_state_dict(fit(model, sd), strict=False)
-    return list(result.missing_keys), list(result.unexpected_keys)
+    return Loaded(list(result.missing_keys), list(result.unexpected_keys))
 
 
 def variant_of(sd):
@@ -205,8 +234,8 @@ def variant_of(sd):
     for name, (d, c) in VARIANTS.items():
         if tuple(depths) == d and tuple(dims) == c:
             return name
-    raise UserError(f"weights with depths {depths} and dims {dims} match none of our "
-                    "ConvNeXt V2 variants; pass a ConvNeXt V2 checkpoint")
+    raise ModelError(f"weights with depths {depths} and dims {dims} match none of our "
+                     "ConvNeXt V2 variants; pass a ConvNeXt V2 checkpoint")
 
 
 def to_timm_state_dict(sd):
@@ -217,8 +246,8 @@ def to_timm_state_dict(sd):
     from models.convnextv2 import VARIANTS, ConvNeXtV2
     dense = encoder_state_dict(sd)
     if "stages.0.0.dwconv.weight" not in dense:
-        raise UserError("the checkpoint is neither ours nor an official ConvNeXt V2 one "
-                        "(no stages.0.0.dwconv weight); pass a ConvNeXt V2 checkpoint")
+        raise ModelError("the checkpoint is neither ours nor an official ConvNeXt V2 one "
+                         "(no stages.0.0.dwconv weight); pass a ConvNeXt V2 checkpoint")
     name = variant_of(dense)
     num_classes = dense["head.weight"].shape[0] if "head.weight" in dense else 0
     depths, dims = VARIANTS[name]
@@ -261,11 +290,15 @@ def build_parser():
     return parser
 
 
-@exit_on_user_error
 def main(argv=None):
+    """The CLI; a ModelError is one line `error: ...` on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
-    if args.command == "to_timm":
-        to_timm(args.src, args.dst, args.model_key)
+    try:
+        if args.command == "to_timm":
+            to_timm(args.src, args.dst, args.model_key)
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

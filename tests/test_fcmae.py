@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from models import create_fcmae
 from models.convnextv2 import ConvNeXtV2
 from tests.test_models import _randomise, reference_block
-from util.errors import UserError
+from models.errors import ModelError
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +100,15 @@ def test_patchify_round_trip():
     torch.testing.assert_close(m.unpatchify(patches), imgs)
 
 
-def test_user_errors():
+def test_wrong_arguments_are_model_errors():
     m = create_fcmae("convnextv2_atto", decoder_embed_dim=32)
-    with pytest.raises(UserError, match="multiple of the patch size"):
+    with pytest.raises(ModelError, match="multiple of the patch size"):
         m(torch.randn(1, 3, 48, 64))
-    with pytest.raises(UserError, match="mask_ratio"):
+    with pytest.raises(ModelError, match="mask_ratio"):
         m(torch.randn(1, 3, 64, 64), mask_ratio=1.0)
-    with pytest.raises(UserError, match="mask_ratio"):
+    with pytest.raises(ModelError, match="mask_ratio"):
         create_fcmae("convnextv2_atto", mask_ratio=0.0)
-    with pytest.raises(UserError, match="patch_size"):
+    with pytest.raises(ModelError, match="patch_size"):
         create_fcmae("convnextv2_atto", patch_size=16)
 
 

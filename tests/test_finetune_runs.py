@@ -16,6 +16,47 @@ def _close(a, b, atol=1e-5):
         assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=1e-4), k
 
 
+def test_settings_stay_as_parsed():
+    """Nothing writes onto `args`: what a process learns (rank, device, lr, classes, run
+    directory) is a RunContext, and `builtins.print` stays the interpreter's own."""
+    import builtins
+    import copy
+
+    from main_finetune import get_args_parser
+    from util.config import parse_args
+    from util.distributed import init_distributed
+    from util.run_context import RunContext
+    own_print = builtins.print
+    args = parse_args(get_args_parser(), TINY + ["--batch_size", "8", "--update_freq", "2"])
+    parsed = copy.deepcopy(vars(args))
+    dist = init_distributed(args)
+    ctx = RunContext(dist, lr=4e-3 * 16 / 256, global_batch=16, nb_classes=10, run_dir="/r", log_dir="/r/tb")
+    merged = ctx.settings(args)
+    assert vars(args) == parsed and builtins.print is own_print
+    assert {k: vars(merged)[k] for k in ctx.learned()} == {
+        "rank": 0, "world_size": 1, "gpu": 0, "distributed": False, "device": "cpu", "lr": 4e-3 * 16 / 256,
+        "nb_classes": 10, "output_dir": "/r", "log_dir": "/r/tb"}
+    assert list(vars(merged))[-3:] == ["rank", "gpu", "distributed"]  # where the old writes put them
+    assert merged._flag_dests == args._flag_dests
+
+
+def test_run_files_hold_the_learned_values(tmp_path):
+    """config.yaml and a checkpoint's "args" keep what the scripts used to write onto `args`:
+    the resolved lr, the class count, the device, the run and TensorBoard directories."""
+    import yaml
+    out = tmp_path / "run"
+    run("main_finetune.py", TINY + ["--batch_size", "16", "--epochs", "1", "--output_dir", str(out)])
+    saved = torch.load(out / "checkpoint-0.pth", weights_only=True)["args"]
+    assert {k: saved[k] for k in ("lr", "nb_classes", "device", "rank", "world_size", "gpu", "distributed",
+                                  "output_dir", "log_dir")} == {
+        "lr": 4e-3 * 16 / 256, "nb_classes": 10, "device": "cpu", "rank": 0, "world_size": 1, "gpu": 0,
+        "distributed": False, "output_dir": str(out), "log_dir": str(out / "tensorboard")}
+    text = (out / "config.yaml").read_text()
+    config = yaml.safe_load(text)
+    assert config["lr"] == 4e-3 * 16 / 256 and config["nb_classes"] == 10
+    assert f'"output_dir": "{out}"' in text.splitlines()[1]  # the per-launch comment line
+
+
 def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
     run("main_finetune.py", TINY + ["--batch_size", "8", "--epochs", "2", "--output_dir", str(out)], nproc=2)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from models import create_fcmae, create_model
 from models.convnextv2 import VARIANTS, Block, ConvNeXtV2, KeepIndex
-from util.errors import UserError
+from models.errors import ModelError
 
 # params at 1000 classes, rounded as in the facts table
 PARAMS = {
@@ -96,7 +96,7 @@ def test_training_with_drop_path_runs_and_backprops():
     out.sum().backward()
     assert out.shape == (3, 5)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    with pytest.raises(UserError, match="drop_path"):
+    with pytest.raises(ModelError, match="drop_path"):
         create_model("convnextv2_atto", drop_path_rate=1.5)
 
 
@@ -104,9 +104,9 @@ def test_create_model_timm_fallback_and_unknown_name():
     resnet = create_model("resnet18", num_classes=7, head_init_scale=0.5)
     assert type(resnet).__name__ == "ResNet" and resnet.fc.out_features == 7
     assert isinstance(create_model("convnextv2_pico"), ConvNeXtV2)
-    with pytest.raises(UserError, match="convnextv2_atto"):
+    with pytest.raises(ModelError, match="convnextv2_atto"):
         create_model("convnextv2_attoo")
-    with pytest.raises(UserError, match="convnextv2_nano"):
+    with pytest.raises(ModelError, match="convnextv2_nano"):
         create_fcmae("convnextv2_nan")
 
 
@@ -115,6 +115,26 @@ def test_importing_models_does_not_import_timm():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert out.stdout.strip() == "False"
+
+
+def test_models_know_nothing_of_the_run_machinery():
+    """models/ imports no module of util/ (nor the scripts), and its messages name arguments,
+    not command-line flags: the scripts add those (issue 12, strict layers)."""
+    import ast
+    import pathlib
+    code = ("import sys, models, models.fcmae, models.weights, models.errors; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('util', 'main_finetune', 'main_pretrain')))")
+    root = pathlib.Path(__file__).parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=str(root))
+    assert out.stdout.strip() == "[]"
+    for path in (root / "models").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                text = ast.unparse(node.exc)
+                assert " --" not in text and "pass --" not in text, (path.name, text)
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(n.split(".")[0] == "util" for n in names), (path.name, names)
 
 
 def reference_block(block, x, keep):

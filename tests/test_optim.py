@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from util.optim import cosine_schedule, layer_id_convnext, param_groups, resolve_lr
+from util.errors import UserError
+from util.optim import (cosine_schedule, effective_lr, global_batch, layer_id_convnext, lr_schedule,
+                        param_groups, updates_per_epoch, wd_schedule)
 
 
 def test_cosine_schedule_warmup_then_cosine():
@@ -37,8 +39,23 @@ def test_layer_ids_follow_the_recipe():
 
 def test_lr_from_blr_uses_global_batch():
     args = argparse.Namespace(batch_size=32, update_freq=4, lr=None, blr=6.25e-4)
-    assert resolve_lr(args, world_size=8) == 1024
-    assert args.lr == pytest.approx(6.25e-4 * 4)
+    assert global_batch(args, world_size=8) == 1024
+    assert effective_lr(args, world_size=8) == pytest.approx(6.25e-4 * 4)
+    assert args.lr is None  # the settings stay as parsed
+    args.lr = 0.1
+    assert effective_lr(args, world_size=8) == 0.1  # a given --lr wins
+
+
+def test_updates_per_epoch_and_schedules():
+    args = argparse.Namespace(min_lr=0.0, epochs=2, warmup_epochs=1, warmup_steps=-1, weight_decay=0.05,
+                              weight_decay_end=None)
+    assert updates_per_epoch(10, 3) == 3
+    with pytest.raises(UserError, match="fewer batches than --update_freq"):
+        updates_per_epoch(2, 3)
+    np.testing.assert_array_equal(lr_schedule(args, 0.5, 5), cosine_schedule(0.5, 0.0, 2, 5, 1, -1))
+    assert np.all(wd_schedule(args, 5) == 0.05)
+    args.weight_decay_end = 0.1
+    np.testing.assert_array_equal(wd_schedule(args, 5), cosine_schedule(0.05, 0.1, 2, 5))
 
 
 class Tiny(torch.nn.Module):

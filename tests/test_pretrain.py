@@ -41,7 +41,7 @@ def test_reconstruction_grid_in_tensorboard(pretrained):
 
 
 def test_finetune_from_our_pretrain_checkpoint(pretrained):
-    from main_finetune import load_finetune_weights
+    from engine_finetune import load_finetune_weights
     from models import create_model
     ckpt = torch.load(pretrained / "checkpoint-3.pth", weights_only=True)["model"]
     model = create_model("convnextv2_atto", num_classes=10)

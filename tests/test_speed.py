@@ -33,7 +33,7 @@ print("steps done", float(loss), sorted(compiled._orig_mod.state_dict()) == sort
 
 def test_compile_falls_back_to_eager_where_compiling_cannot_work(tmp_path):
     """Compilation fails at the first forward (here: no C++ compiler for inductor on CPU), not in
-    torch.compile(): util/speed.maybe_compile (what --compile uses, util/run_context.place_model)
+    torch.compile(): util/speed.maybe_compile (what --compile uses, util/trainer.place_model)
     says so in one line and the training steps run eagerly."""
     env = dict(script_env(), CXX="/nonexistent/g++",
                TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))  # no kernel compiled earlier
@@ -45,6 +45,15 @@ def test_compile_falls_back_to_eager_where_compiling_cannot_work(tmp_path):
     assert len(warnings) == 1, text[-3000:]
     assert "InvalidCxxCompiler" in warnings[0] and "running eagerly" in warnings[0]
     assert "Traceback" not in text and "steps done" in p.stdout and p.stdout.strip().endswith("True")
+
+
+def test_allocator_is_tuned_for_cpu_runs_only(monkeypatch):
+    """glibc's heap tuning helps CPU steps; a CUDA run keeps glibc's defaults (issue 12)."""
+    import util.speed as speed
+    calls = []
+    monkeypatch.setattr(speed, "tune_allocator", lambda enabled=True: calls.append(enabled) or True)
+    assert speed.tune_allocator_for(torch.device("cuda", 0)) is False and calls == []
+    assert speed.tune_allocator_for(torch.device("cpu")) is True and calls == [True]
 
 
 _FLAGS_WORKER = r"""

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from models import create_fcmae, create_model
+from models.errors import ModelError
 from models.weights import (classifier_prefixes, encoder_state_dict, load_file, load_into, main,
-                            pick_state_dict)
+                            pick_state_dict, select_state_dict)
 from tests import forkrun
 from tests.helpers import ROOT, TINY, run_record, weights
 from tests.test_errors import Evil
@@ -117,17 +118,17 @@ def test_finetune_checkpoint_and_head_handling(source):
 
 def test_unplaceable_keys_and_shapes_raise(source):
     sd = dict(source.state_dict())
-    with pytest.raises(UserError, match="unknown key stages.0.0.extra"):
+    with pytest.raises(ModelError, match="unknown key stages.0.0.extra"):
         load_into(create_model("convnextv2_atto", num_classes=10),
                   dict(sd, **{"stages.0.0.extra": torch.zeros(1)}))
-    with pytest.raises(UserError, match="shape"), pytest.warns(UserWarning, match="head"):
+    with pytest.raises(ModelError, match="shape"), pytest.warns(UserWarning, match="head"):
         load_into(create_model("convnextv2_femto", num_classes=10), sd)
-    with pytest.raises(UserError, match="missing"):
+    with pytest.raises(ModelError, match="missing"):
         load_into(create_model("convnextv2_atto", num_classes=10),
                   {k: v for k, v in sd.items() if not k.startswith("stages.3")})
-    with pytest.raises(UserError, match="neither"):
+    with pytest.raises(ModelError, match="neither"):
         load_into(create_model("convnextv2_atto"), create_model("resnet18").state_dict())
-    with pytest.raises(UserError):
+    with pytest.raises(ModelError):
         encoder_state_dict({"encoder.stages.0.0.dwconv.kernel": torch.zeros(3, 40)})
 
 
@@ -165,9 +166,9 @@ def test_to_timm_rejects_foreign_files(tmp_path, capsys):
     assert exit_info.value.code == 2 and "neither" in capsys.readouterr().err
     assert not (tmp_path / "out.pth").exists()
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(ModelError, match="cannot read"):
         load_file(str(tmp_path / "junk.pth"))
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         load_file(str(tmp_path / "nothing.pth"))
 
 
@@ -208,6 +209,17 @@ def test_readme_timm_calls_load_the_converted_files(source, tmp_path):
         assert model.num_classes == 0
         torch.testing.assert_close(model.forward_features(x), _features(source, x),
                                    atol=1e-5, rtol=0)
+
+
+def test_select_state_dict_takes_the_first_key_and_the_prefix():
+    """What --model_key and --model_prefix choose in a --finetune checkpoint."""
+    w = {"enc.a": torch.ones(1), "enc.b": torch.zeros(1), "dec.c": torch.ones(2)}
+    assert select_state_dict({"module": w, "model": {}}, "model|module") == {}  # the first key present
+    assert select_state_dict({"module": w}, "model|module") is w
+    assert select_state_dict(w, "model|module") is w                            # a bare state dict
+    assert select_state_dict({"model": w}, "model", prefix="enc.") == {"a": w["enc.a"], "b": w["enc.b"]}
+    with pytest.raises(ModelError, match="holds no dict of weights"):
+        select_state_dict({"model": torch.ones(1)}, "model|module")
 
 
 def test_load_checkpoint_allows_argparse_namespace_and_nothing_else(tmp_path):
@@ -269,7 +281,7 @@ def test_timm_checkpoint_keeps_its_names_and_drops_another_head():
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     assert torch.equal(target.conv1.weight, resnet["conv1.weight"])
     # anything else of another shape is still an error
-    with pytest.raises(UserError, match="layer1.0.conv1.weight has shape"), \
+    with pytest.raises(ModelError, match="layer1.0.conv1.weight has shape"), \
             pytest.warns(UserWarning, match="classifier head"):
         load_into(target, dict(resnet, **{"layer1.0.conv1.weight": torch.zeros(1)}))
 
@@ -323,7 +335,7 @@ def test_finetune_script_timm_convnext_own_checkpoint(tmp_path):
 
 
 def test_fcmae_refuses_timm_models_saying_so():
-    with pytest.raises(UserError) as info:
+    with pytest.raises(ModelError) as info:
         create_fcmae("resnet18")
     message = str(info.value)
     assert "unknown FCMAE model 'resnet18'" in message and "convnextv2_atto" in message

@@ -8,6 +8,7 @@ import datetime
 import os
 import subprocess
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -15,14 +16,28 @@ import torch.distributed as dist
 from util.errors import UserError
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistInfo:
+    """Where this process runs; what the original scripts wrote onto `args` (rank, world_size,
+    gpu = local_rank, distributed, device) lives here instead."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     distributed: bool = False
     launcher: str = "none"
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+class Launch(NamedTuple):
+    """What the environment says about this process (detect_launcher)."""
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
 
 
 def _slurm_master_addr():
@@ -36,7 +51,7 @@ def _slurm_master_addr():
 
 
 def detect_launcher(local_rank_flag=-1, dist_on_itp=False):
-    """Return (launcher, rank, world_size, local_rank) from the environment. `dist_on_itp`
+    """Return Launch(launcher, rank, world_size, local_rank) from the environment. `dist_on_itp`
     (the original flag): Open MPI's mpirun, whose OMPI_COMM_WORLD_* variables name the ranks;
     MASTER_ADDR and MASTER_PORT must be set, as with the original code."""
     env = os.environ
@@ -50,16 +65,16 @@ def detect_launcher(local_rank_flag=-1, dist_on_itp=False):
         rank, world = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
         local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
         env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
-        return "mpirun", rank, world, local
+        return Launch("mpirun", rank, world, local)
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, torch.distributed.launch, submitit export
         local = int(env.get("LOCAL_RANK", local_rank_flag if local_rank_flag >= 0 else 0))
-        return "torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), local
+        return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), local)
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # plain srun
         env.setdefault("MASTER_ADDR", _slurm_master_addr())
         env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-        return ("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                int(env.get("SLURM_LOCALID", "0")))
-    return "none", 0, 1, max(local_rank_flag, 0)
+        return Launch("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                      int(env.get("SLURM_LOCALID", "0")))
+    return Launch("none", 0, 1, max(local_rank_flag, 0))
 
 
 def resolve_device(name, local_rank=0):
@@ -76,11 +91,8 @@ def resolve_device(name, local_rank=0):
 
 
 def init_distributed(args):
-    """Set up the process group (when launched with several processes) and the device.
-
-    Writes rank, world_size, gpu (local rank), distributed and device onto `args`, as the
-    original scripts did, and returns a DistInfo.
-    """
+    """Set up the process group (when launched with several processes) and the device; returns
+    the DistInfo. Reads the launch flags of `args` and writes nothing onto it."""
     launcher, rank, world, local = detect_launcher(getattr(args, "local_rank", -1),
                                                    bool(getattr(args, "dist_on_itp", False)))
     device = resolve_device(getattr(args, "device", "auto"), local)
@@ -94,22 +106,7 @@ def init_distributed(args):
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         dist.init_process_group(backend=backend, init_method=getattr(args, "dist_url", "env://"),
                                 world_size=world, rank=rank, timeout=timeout)
-    args.rank, args.world_size, args.gpu, args.distributed = rank, world, local, distributed
-    args.device = str(device)
-    setup_for_distributed(rank == 0)
     return DistInfo(rank, world, local, device, distributed, launcher)
-
-
-def setup_for_distributed(is_master):
-    """Silence print() on ranks other than 0 (print(..., force=True) still prints)."""
-    import builtins
-    builtin_print = getattr(builtins.print, "_original", builtins.print)
-
-    def print_(*a, force=False, **kw):
-        if is_master or force:
-            builtin_print(*a, **kw)
-    print_._original = builtin_print
-    builtins.print = print_
 
 
 def is_dist():

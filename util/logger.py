@@ -3,30 +3,32 @@ import datetime
 import json
 import os
 import time
-from collections import defaultdict
 
 from util.distributed import is_main_process
 from util.errors import UserError
 
 
 class StepMeter:
-    """Running averages of scalars; values are Python floats read only on logging steps."""
+    """Running averages of named scalars, one timm AverageMeter each, in the order first seen;
+    values are Python floats read only on logging steps."""
 
     def __init__(self):
-        self.sum, self.count, self.last = defaultdict(float), defaultdict(int), {}
+        self.meters = {}
 
     def update(self, n=1, **values):
+        from timm.utils import AverageMeter  # timm's import is slow; this module is not
         for k, v in values.items():
-            v = float(v)
-            self.sum[k] += v * n
-            self.count[k] += n
-            self.last[k] = v
+            self.meters.setdefault(k, AverageMeter()).update(float(v), n)
+
+    @property
+    def last(self):
+        return {k: m.val for k, m in self.meters.items()}
 
     def avg(self, k):
-        return self.sum[k] / max(self.count[k], 1)
+        return self.meters[k].avg if k in self.meters else 0.0
 
     def averages(self):
-        return {k: self.avg(k) for k in self.sum}
+        return {k: m.avg for k, m in self.meters.items()}
 
 
 def progress_line(header, step, total, start_time, step_in_run, meter, img_per_s):

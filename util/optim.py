@@ -1,5 +1,9 @@
 """Parameter groups (layer-wise lr decay, no weight decay on biases and 1-D params), the
-optimizer (timm's factory) and the per-iteration lr / weight-decay schedules."""
+optimizer (timm's factory), the effective lr and the per-iteration lr / weight-decay schedules.
+
+The schedules stay our own: timm's schedulers warm up to `lr * (warmup_t - 1) / warmup_t`
+and count the cosine otherwise, so they would change every run's lr values (and the resume of
+runs made so far)."""
 import math
 
 import numpy as np
@@ -51,7 +55,9 @@ def param_groups(model, weight_decay, layer_decay=1.0, layer_decay_type="single"
     return list(groups.values())
 
 
-def create_optimizer(args, model, betas=None):
+def create_optimizer(args, model, lr, device, betas=None):
+    """timm's optimizer over `param_groups`, at learning rate `lr` (effective_lr), fused AdamW on
+    CUDA `device`s; `betas` win over --opt_betas."""
     from timm.optim import create_optimizer_v2
     groups = param_groups(model, args.weight_decay, getattr(args, "layer_decay", 1.0),
                           getattr(args, "layer_decay_type", "single"))
@@ -60,10 +66,10 @@ def create_optimizer(args, model, betas=None):
     if betas:
         kw["betas"] = tuple(betas)
     opt_name = getattr(args, "opt", "adamw").lower()
-    if opt_name == "adamw" and str(args.device).startswith("cuda"):
+    if opt_name == "adamw" and str(device).startswith("cuda"):
         kw["fused"] = True
     try:
-        opt = create_optimizer_v2(groups, opt=opt_name, lr=args.lr, weight_decay=args.weight_decay,
+        opt = create_optimizer_v2(groups, opt=opt_name, lr=lr, weight_decay=args.weight_decay,
                                   momentum=getattr(args, "momentum", 0.9), **kw)
     except (ValueError, AssertionError, KeyError) as e:
         raise UserError(f"cannot create optimizer --opt {opt_name!r} ({e}); try --opt adamw") from None
@@ -92,9 +98,30 @@ def apply_schedule(optimizer, lr, wd=None):
             g["weight_decay"] = wd
 
 
-def resolve_lr(args, world_size):
-    """lr = blr * global batch / 256 when --lr is not given (the original rule)."""
-    eff = args.batch_size * args.update_freq * world_size
-    if args.lr is None:
-        args.lr = args.blr * eff / 256
-    return eff
+def global_batch(args, world_size):
+    """Images per optimizer update: batch_size x update_freq x processes."""
+    return args.batch_size * args.update_freq * world_size
+
+
+def effective_lr(args, world_size):
+    """--lr, or blr * global batch / 256 when --lr is not given (the original rule)."""
+    return args.lr if args.lr is not None else args.blr * global_batch(args, world_size) / 256
+
+
+def updates_per_epoch(batches, update_freq):
+    """Optimizer updates in an epoch of `batches` micro-batches (whole updates only)."""
+    updates = batches // update_freq
+    if updates < 1:
+        raise UserError("one epoch has fewer batches than --update_freq; lower --update_freq or --batch_size")
+    return updates
+
+
+def lr_schedule(args, lr, updates):
+    """Per-update lr values: linear warmup to `lr`, then cosine to --min_lr."""
+    return cosine_schedule(lr, args.min_lr, args.epochs, updates, args.warmup_epochs, args.warmup_steps)
+
+
+def wd_schedule(args, updates):
+    """Per-update weight decay: cosine from --weight_decay to --weight_decay_end (flat without)."""
+    end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    return cosine_schedule(args.weight_decay, end, args.epochs, updates)

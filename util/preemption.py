@@ -12,6 +12,7 @@ every optimizer step.
 import signal
 import threading
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,12 @@ import torch.distributed as dist
 
 class Preempted(Exception):
     """Raised after the state was saved because a stop was requested."""
+
+
+class Decision(NamedTuple):
+    """What every rank does after this optimizer step."""
+    stop: bool           # save and stop (a signal reached some rank)
+    save_rolling: bool   # save checkpoint-last.pth (rank 0's --save_ckpt_minutes timer)
 
 
 class StopSignals:
@@ -49,23 +56,23 @@ class StopSignals:
     def _handler(self, signum, frame):
         if self.requested is None:
             self.requested = signal.Signals(signum).name
-            print(f"received {self.requested}: saving at the next step boundary", force=True, flush=True)
+            print(f"received {self.requested}: saving at the next step boundary", flush=True)  # every rank
 
     def _local(self):
         save_due = self.save_every is not None and self.rank == 0 and time.time() - self.last_save > self.save_every
         return [1.0 if self.requested else 0.0, 1.0 if save_due else 0.0]
 
     def poll(self):
-        """Return (stop, save_rolling) decided for this step, identical on all ranks."""
+        """Return the Decision (stop, save_rolling) for this step, identical on all ranks."""
         if not (dist.is_available() and dist.is_initialized()):
             stop, save = self._local()
-            return bool(stop), bool(save)
+            return Decision(bool(stop), bool(save))
         group = self._flags_group()
-        decided = (False, False)
+        decided = Decision(False, False)
         if self._pending is not None:
             work, t = self._pending
             work.wait()
-            decided = (bool(t[0] > 0), bool(t[1] > 0))
+            decided = Decision(bool(t[0] > 0), bool(t[1] > 0))
         t = torch.tensor(self._local())  # CPU: no device copy, no device sync
         self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), t)
         return decided

@@ -1,6 +1,7 @@
-"""`--preflight`: a couple of real training steps (the real model, data, optimizer, autocast and
-scaler), then time and memory per step and an estimate for an epoch. Nothing is saved and the
-run is not marked: a launch with --preflight leaves no checkpoint and no run.json behind.
+"""`--preflight`: a couple of real training steps (the real model, data, optimizer, autocast,
+scaler and the very step function of training), then time and memory per step and an estimate
+for an epoch. Nothing is saved and the run is not marked: a launch with --preflight leaves no
+checkpoint and no run.json behind.
 """
 import datetime
 import math
@@ -11,7 +12,9 @@ import time
 import torch
 
 from util import distributed as du
+from util.console import info
 from util.errors import UserError
+from util.train_loop import train_step
 
 
 def _sync(device):
@@ -26,35 +29,23 @@ def _peak_memory_mib(device):
     return (kib / 2 ** 20 if sys.platform == "darwin" else kib / 2 ** 10), "process RSS"
 
 
-def _one_step(model, loss_fn, batch, optimizer, device, amp, channels_last):
-    batch = [x.to(device, non_blocking=True) if torch.is_tensor(x) else x for x in batch]
-    if channels_last and batch[0].ndim == 4:
-        batch[0] = batch[0].contiguous(memory_format=torch.channels_last)
-    with amp.autocast():
-        loss = loss_fn(model, batch)
-    if isinstance(loss, tuple):
-        loss = loss[0]
-    amp.scaler.scale(loss).backward()
-    amp.scaler.step(optimizer)
-    amp.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
-def preflight(args, model, loss_fn, train_loader, optimizer, device, amp, updates_per_epoch):
-    """Run a first step (one-time costs: allocator, cuDNN autotuning, compilation) and a second
-    one, timed, on the first two batches; print the figures. `loss_fn(model, batch) -> loss`
-    (or (loss, extras)), as in the engines."""
+def preflight(args, model, loss_fn, train_loader, optimizer, device, st, updates_per_epoch):
+    """Run the real training step (util/train_loop.train_step: accumulation, clipping, EMA, the
+    lr schedule) on the first two batches: the first pays the one-time costs (allocator, cuDNN
+    autotuning, compilation), the second is timed; print the figures. `loss_fn(model, batch) ->
+    (loss, extras)`, as the tasks give it; `st`: the run's LoopState."""
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    optimizer.zero_grad(set_to_none=True)
+    params = [p for p in model.parameters() if p.requires_grad]
     it = iter(train_loader)
     times, loads, losses = [], [], []
-    for _ in range(min(2, len(train_loader))):
+    for step in range(min(2, len(train_loader))):
         t0 = time.perf_counter()
         batch = next(it)
         t1 = time.perf_counter()
-        losses.append(_one_step(model, loss_fn, batch, optimizer, device, amp, args.channels_last))
+        losses.append(train_step(model, loss_fn, batch, optimizer, device, 0, step, st, params).loss)
         _sync(device)
         t2 = time.perf_counter()
         loads.append(t1 - t0)
@@ -71,10 +62,10 @@ def preflight(args, model, loss_fn, train_loader, optimizer, device, amp, update
     per_step = step_s + loads[-1] if args.num_workers == 0 else max(step_s, loads[-1] / args.num_workers)
     epoch_s = steps * per_step
     eta = datetime.timedelta(seconds=round(epoch_s))
-    print(f"preflight: {step_s:.3f} s per step of {args.batch_size} images x {du.get_world_size()} "
-          f"process(es) (first step {times[0]:.3f} s, loading a batch {loads[-1]:.3f} s); peak "
-          f"memory {mem:.0f} MiB ({what}); one epoch = {steps} steps = about {eta} "
-          f"({args.epochs} epochs about {datetime.timedelta(seconds=round(epoch_s * args.epochs))}); "
-          f"loss {loss:.4f}. Nothing was saved.", flush=True)
+    info(f"preflight: {step_s:.3f} s per step of {args.batch_size} images x {du.get_world_size()} "
+         f"process(es) (first step {times[0]:.3f} s, loading a batch {loads[-1]:.3f} s); peak "
+         f"memory {mem:.0f} MiB ({what}); one epoch = {steps} steps = about {eta} "
+         f"({args.epochs} epochs about {datetime.timedelta(seconds=round(epoch_s * args.epochs))}); "
+         f"loss {loss:.4f}. Nothing was saved.")
     return {"step_s": step_s, "first_step_s": times[0], "load_s": loads[-1], "peak_mib": mem,
             "epoch_s": epoch_s, "loss": loss}

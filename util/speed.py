@@ -3,8 +3,10 @@ eager fallback.
 
 glibc's malloc returns large activation buffers to the OS after every step and maps them again
 on the next (hundreds of thousands of page faults per step on CPU). Serving large blocks from
-the heap (no mmap) and not trimming it keeps them there. Only on Linux with glibc; a no-op
-elsewhere (set CONVNEXT_NO_MALLOC_TUNING=1 to keep glibc's defaults).
+the heap (no mmap) and not trimming it keeps them there. Only on Linux with glibc, and only
+for runs on the CPU (`tune_allocator_for`): on a GPU the activations live in CUDA's own caching
+allocator, and a heap that never shrinks would only hold host memory. A no-op elsewhere (set
+CONVNEXT_NO_MALLOC_TUNING=1 to keep glibc's defaults).
 """
 import ctypes
 import ctypes.util
@@ -27,6 +29,11 @@ def tune_allocator(enabled=True):
     return bool(mallopt(M_MMAP_MAX, mmap_max)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
 
 
+def tune_allocator_for(device):
+    """Tune glibc's allocator for a run on `device`: CPU runs only. Returns whether it did."""
+    return device.type == "cpu" and tune_allocator()
+
+
 def maybe_compile(model, enabled):
     """torch.compile when asked; where compiling cannot work, say so in one line and run eagerly.
 
@@ -37,7 +44,7 @@ def maybe_compile(model, enabled):
     parameters and the EMA's state_dict order are unchanged) catches a compilation failure at
     any call, warns once and from then on calls `model` itself. The eager retry runs the same
     inputs, so an error of the model's own comes back from it with its real traceback.
-    Checkpoints are saved from the unwrapped model (util/run_context.py), never with the
+    Checkpoints are saved from the unwrapped model (util/train_state.py), never with the
     `_orig_mod.` key prefix of the compiled wrapper.
     """
     import torch
