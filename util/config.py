@@ -45,9 +45,14 @@ def flag_dests(args):
     return getattr(args, "_flag_dests", None)
 
 
+def set_flag_dests(args, dests):
+    """Say which attributes of `args` are flags (a launcher handing the main script only its own)."""
+    args._flag_dests = frozenset(dests)
+
+
 def add_config_args(parser):
     """Add `--config FILE`; a parser that already has it is returned as it is."""
-    if "--config" in parser._option_string_actions:
+    if "config" in dest_actions(parser):
         return parser
     parser.add_argument("--config", default=None, metavar="FILE", help=BY_NAME["config"].help)
     return parser
@@ -134,7 +139,9 @@ def _convert_scalar(action, value, where):
         raise UserError(f"{where}: invalid value {value!r} ({name}: {e})") from None
 
 
-def _convert(action, value, where):
+def convert_value(action, value, where):
+    """One value (from a YAML file or a search space) through the flag's own type, nargs and
+    choices, exactly as if typed on the command line; mistakes are UserErrors naming `where`."""
     if isinstance(action, argparse.BooleanOptionalAction) or (
             action.nargs == 0 and isinstance(action.const, bool)):  # store_true/false, --x/--no-x
         if value is None:
@@ -187,7 +194,7 @@ def config_values(parser, path):
             raise UserError(f"config {path}: {dest!r} is given twice")
         acts = actions[dest]
         main = next((a for a in acts if a.nargs != 0), acts[0])
-        values[dest] = _convert(main, value, f"config {path}: {key}")
+        values[dest] = convert_value(main, value, f"config {path}: {key}")
     return values
 
 

@@ -4,8 +4,8 @@ that do not match the flag, empty or reversed ranges, unknown Optuna classes, va
 itself refuses); every mistake is a one-line UserError. `prepare` also refuses the launch flags
 that name one run (ONE_RUN_FLAGS).
 
-Flag lists kept here, one place each: NOT_SEARCHABLE (a search space may not name them) and
-ONE_RUN_FLAGS (a study's own command line may not set them).
+The flags a search refuses come from the flag table (util/flags.py): NOT_SEARCHABLE (a search
+space may not name them) and ONE_RUN_FLAGS (a study's own command line may not set them).
 """
 import copy
 import dataclasses
@@ -14,6 +14,7 @@ import importlib
 import math
 import re
 
+from util import flags
 from util.errors import UserError
 from util.hpo.samplers import class_spec, make_pruner, make_sampler
 
@@ -22,17 +23,10 @@ SPEC_KEYS = ("study_name", "trials", "seed", "metric", "direction", "sampler", "
 REQUIRED = ("study_name", "trials", "metric", "direction", "search_space")
 PARAM_KEYS = {"int": {"type", "min", "max", "step", "log"}, "float": {"type", "min", "max", "step", "log"},
               "categorical": {"type", "choices"}}
-# Flags a trial must not set: they pick where a run lives or how this launch behaves.
-NOT_SEARCHABLE = {"config", "optimize_config", "storage", "output_dir", "log_dir", "resume", "force",
-                  "eval", "preflight", "start_epoch", "runs_root", "device"}
-# A launch of a study names many runs; these flags name one.
-ONE_RUN_FLAGS = {"output_dir": "--output_dir names one run; a study makes many (they go under "
-                               "--runs_root): leave it out",
-                 "log_dir": "--log_dir would put every trial's TensorBoard events in one folder: leave it out",
-                 "resume": "--resume names one checkpoint; trials resume their own runs: leave it out",
-                 "force": "--force would fork a fresh run for every trial (and for a resumed one): leave it out",
-                 "eval": "--eval only evaluates; a study trains: leave it out",
-                 "preflight": "--preflight runs one step; run it without --optimize_config first"}
+# Flags a search space may not name (they do not change what a run computes), and the flags a
+# study's own command line may not set (they name one run), with why: both from the flag table.
+NOT_SEARCHABLE = flags.not_searchable()
+ONE_RUN_FLAGS = flags.study_refusals()
 
 
 def known_metrics(kind, args):
@@ -141,7 +135,7 @@ def _parse_param(path, flag, raw, actions):
 
 
 def _categorical(where, flag, raw, action):
-    from util.config import _convert
+    from util.config import convert_value
     choices = raw.get("choices")
     if not isinstance(choices, list) or not choices:
         raise UserError(f"{where}: choices must be a non-empty list")
@@ -151,7 +145,7 @@ def _categorical(where, flag, raw, action):
             raise UserError(f"{where}: choice {c!r} is not a single value")
         if _choice_key(c) in values:
             raise UserError(f"{where}: choice {c!r} is given twice")
-        values[_choice_key(c)] = _convert(action, c, f"{where} choice {c!r}")
+        values[_choice_key(c)] = convert_value(action, c, f"{where} choice {c!r}")
     return Param(flag, "categorical", choices=list(choices), values=values)
 
 
@@ -240,7 +234,6 @@ def _metric(path, metric, kind, args):
 def _search_space(path, space, parser):
     """{flag: Param}: each key a flag of the script that changes what a run computes."""
     from util.config import dest_actions
-    from util.runs import OUTCOME_EXCLUDED
     if not isinstance(space, dict) or not space:
         raise UserError(f"{path}: search_space must map flag names to {{type, ...}}")
     actions = dest_actions(parser)
@@ -251,7 +244,7 @@ def _search_space(path, space, parser):
             close = difflib.get_close_matches(str(flag), list(actions), n=3)
             hint = f"did you mean {', '.join(close)}?" if close else "see --help for the flags"
             raise UserError(f"{path}: search_space: {key!r} is not a flag of this script ({hint})")
-        if flag in NOT_SEARCHABLE or flag in OUTCOME_EXCLUDED:
+        if flag in NOT_SEARCHABLE:
             raise UserError(f"{path}: search_space: {flag} does not change what a run computes "
                             "(it is not part of the run signature); search flags that do")
         params[flag] = _parse_param(path, flag, raw, actions)
@@ -277,7 +270,7 @@ def prepare(args, kind):
     if not args.optimize_config:
         raise UserError("--storage is for a hyperparameter search: give --optimize_config search.yaml")
     for flag, msg in ONE_RUN_FLAGS.items():
-        if getattr(args, flag, None):
+        if flags.value(args, flag):
             raise UserError(msg)
     spec = load_spec(args.optimize_config, module.get_args_parser(), kind, args)
     module.validate_args(args)
