@@ -46,7 +46,7 @@ def classification_loss(model, batch, criterion, mixup_fn=None):
     samples, targets = batch
     if mixup_fn is not None:
         samples, targets = mixup_fn(samples, targets)
-    return criterion(model(samples), targets), None
+    return criterion(model(samples), targets)
 
 
 def load_finetune_weights(args, model):

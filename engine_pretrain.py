@@ -25,7 +25,7 @@ def build_model(args):
 def masked_loss(model, batch, mask_ratio):
     """The loss of one pretraining batch: the removed patches' reconstruction error."""
     loss, _, _ = model(batch[0], mask_ratio=mask_ratio)
-    return loss, None
+    return loss
 
 
 class PretrainTask(Task):

@@ -238,8 +238,15 @@ def variant_of(sd):
                      "ConvNeXt V2 variants; pass a ConvNeXt V2 checkpoint")
 
 
+class TimmWeights(NamedTuple):
+    """A checkpoint in timm's names, with the timm model name and class count it is for."""
+    state_dict: dict
+    name: str
+    num_classes: int
+
+
 def to_timm_state_dict(sd):
-    """Any supported checkpoint state dict -> (timm-named state dict, model name, classes)."""
+    """Any supported checkpoint state dict -> TimmWeights(timm-named state dict, name, classes)."""
     import timm
     from timm.models.convnext import checkpoint_filter_fn
 
@@ -255,7 +262,7 @@ def to_timm_state_dict(sd):
         ours = ConvNeXtV2(depths=depths, dims=dims, num_classes=num_classes)
         reference = timm.create_model(name, num_classes=num_classes)
     check_fit(ours.state_dict(), dense, head=())
-    return checkpoint_filter_fn(dense, reference), name, num_classes
+    return TimmWeights(checkpoint_filter_fn(dense, reference), name, num_classes)
 
 
 def _save_atomic(obj, path):

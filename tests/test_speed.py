@@ -56,6 +56,32 @@ def test_allocator_is_tuned_for_cpu_runs_only(monkeypatch):
     assert speed.tune_allocator_for(torch.device("cpu")) is True and calls == [True]
 
 
+def test_preflight_takes_the_training_step(capsys):
+    """--preflight times util/train_loop.train_step itself: with update_freq 2 its two steps are
+    one update, which gets the scheduled lr, clips the gradient norm and updates the EMA."""
+    from timm.utils import ModelEmaV3
+
+    from util.preflight import preflight
+    from util.train_loop import Amp, LoopState
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    ema = ModelEmaV3(model, decay=0.5)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    ema_before = torch.cat([p.detach().flatten().clone() for p in ema.module.parameters()])
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))) for _ in range(4)]
+    st = LoopState(amp=Amp.create(False, torch.device("cpu")), update_freq=2, clip_grad=0.01,
+                   lr_schedule=[0.5, 0.25], updates_per_epoch=2, model_ema=ema)
+    args = argparse.Namespace(update_freq=2, num_workers=0, batch_size=4, epochs=1)
+    loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    preflight(args, model, loss, batches, opt, torch.device("cpu"), st, 2)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert opt.param_groups[0]["lr"] == 0.5
+    assert float((after - before).norm()) == pytest.approx(0.5 * 0.01, rel=1e-4)  # lr x clipped norm
+    assert not torch.equal(torch.cat([p.detach().flatten() for p in ema.module.parameters()]), ema_before)
+    assert "one epoch = 4 steps" in capsys.readouterr().out
+
+
 _FLAGS_WORKER = r"""
 import json
 import torch.distributed as dist

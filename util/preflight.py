@@ -32,8 +32,8 @@ def _peak_memory_mib(device):
 def preflight(args, model, loss_fn, train_loader, optimizer, device, st, updates_per_epoch):
     """Run the real training step (util/train_loop.train_step: accumulation, clipping, EMA, the
     lr schedule) on the first two batches: the first pays the one-time costs (allocator, cuDNN
-    autotuning, compilation), the second is timed; print the figures. `loss_fn(model, batch) ->
-    (loss, extras)`, as the tasks give it; `st`: the run's LoopState."""
+    autotuning, compilation), the second is timed; print the figures. `loss_fn(model, batch)`:
+    the task's loss; `st`: the run's LoopState."""
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -100,7 +100,7 @@ def _compile_errors():
 
 def _warn_eager(e):
     first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-    # stderr: seen on every rank that falls back, and by the benchmark, which silences print()
+    # stderr: seen on every rank that falls back, and by the benchmark, which silences stdout
     sys.stderr.write(f"warning: --compile: torch.compile failed here ({type(e).__name__}: {first}); "
                      f"running eagerly, without compilation\n")
     sys.stderr.flush()

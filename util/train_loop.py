@@ -70,6 +70,13 @@ def _to_device(x, device, channels_last):
 
 
 @dataclass
+class Loss:
+    """A loss function may return this instead of the bare loss, to log more scalars."""
+    value: torch.Tensor
+    extras: Optional[dict] = None
+
+
+@dataclass
 class Step:
     """What one micro-step did, for the epoch's bookkeeping."""
     loss: torch.Tensor                  # detached, still on the device
@@ -86,7 +93,7 @@ def train_step(model, loss_fn, batch, optimizer, device, epoch, step, st: LoopSt
     weight decay, the batch on the device, forward under autocast (DDP's no_sync while
     accumulating), backward of the scaled loss / update_freq; on the update's last micro-step
     clipping (else, with `measure_norm`, the norm for the log), optimizer step, EMA.
-    `loss_fn(model, batch) -> (loss, extras)`."""
+    `loss_fn(model, batch)` returns the loss (a tensor, or a Loss with extras for the log)."""
     uf = st.update_freq
     it = epoch * st.updates_per_epoch + step // uf
     if step % uf == 0 and st.lr_schedule is not None:
@@ -97,7 +104,8 @@ def train_step(model, loss_fn, batch, optimizer, device, epoch, step, st: LoopSt
     sync_ctx = model.no_sync() if (not is_update and hasattr(model, "no_sync")) else contextlib.nullcontext()
     with sync_ctx:
         with st.amp.autocast():
-            loss, extras = loss_fn(model, batch)
+            loss = loss_fn(model, batch)
+        loss, extras = (loss.value, loss.extras) if isinstance(loss, Loss) else (loss, None)
         loss_d = loss.detach()
         if st.skip_nonfinite and not _all_finite(loss_d):
             _record_skip(st, epoch, step)

@@ -28,6 +28,7 @@ from util.preemption import Preempted, StopSignals
 from util.run_context import RunContext, open_run, run_record
 from util.train_loop import Amp, LoopState
 from util.train_state import TrainingState, resume_point, save_epoch_checkpoints
+from util.validate import check_inputs
 
 
 def as_user_error(e, flags=None):
@@ -88,7 +89,7 @@ class Task:
         return None
 
     def loss(self, model, batch):
-        """(loss, extras for the log or None) of one batch."""
+        """The loss of one batch: a tensor, or a util.train_loop.Loss with scalars for the log."""
         raise NotImplementedError
 
     def evaluate(self, models, epoch):
@@ -162,7 +163,6 @@ class Trainer:
     `on_run_dir(run_dir)`: told the run directory on every rank once it is chosen."""
 
     def __init__(self, args, task, dist, on_run_dir=None):
-        from util.validate import check_inputs
         self.args, self.task = args, task
         check_inputs(args, task.train_set, dist.world_size, task.build_model)
         world = dist.world_size
