@@ -83,6 +83,11 @@ class Reporter:
 
     def __init__(self, spec, trial, targs):
         self.spec, self.trial, self.targs = spec, trial, targs  # trial is None off rank 0
+        self.run_dir = targs.output_dir or None  # main() names the run directory (on_run_dir)
+
+    def opened(self, run_dir):
+        """main()'s on_run_dir: the trial's run directory, once chosen (every rank)."""
+        self.run_dir = run_dir
 
     def __call__(self, epoch, log):
         decision = self._decide(epoch, log) if self.trial is not None else None
@@ -98,7 +103,7 @@ class Reporter:
         if metric not in log:
             return ("missing", ", ".join(sorted(k for k in log if k != "epoch")))
         done = self.trial.study.get_trials(deepcopy=False)[self.trial.number].intermediate_values
-        entries = {e["epoch"]: e for e in read_log(self.targs.output_dir) if "epoch" in e}
+        entries = {e["epoch"]: e for e in read_log(self.run_dir) if "epoch" in e}
         entries[epoch] = log
         for e in sorted(entries):
             v = entries[e].get(metric)
@@ -180,23 +185,24 @@ class TrialTask:
         spec, job = self.spec, self.job
         extra = {"study": {"name": spec.study_name, "trial": job.number, "params": job.params,
                            "dir": os.path.abspath(self.sdir)}}
+        reporter = Reporter(spec, trial, targs)
         try:
-            result = module.main.__wrapped__(targs, epoch_callback=Reporter(spec, trial, targs),
-                                             record_extra=extra) or {}
+            result = module.main.__wrapped__(targs, epoch_callback=reporter, record_extra=extra,
+                                             on_run_dir=reporter.opened) or {}
             outcome.run_dir = result.get("run_dir")
             outcome.state = "preempted" if result.get("status") == "preempted" else "COMPLETE"
         except Pruned as p:
-            outcome.state, outcome.reason, outcome.run_dir = "PRUNED", str(p), targs.output_dir
+            outcome.state, outcome.reason, outcome.run_dir = "PRUNED", str(p), reporter.run_dir
         except AlreadyCompleted as done:
             outcome.state, outcome.run_dir, outcome.reused = "COMPLETE", done.run_dir, True
         except UserError as e:
-            outcome.reason, outcome.run_dir = str(e), targs.output_dir or None
+            outcome.reason, outcome.run_dir = str(e), reporter.run_dir
             # before its run opened, the launch's own flags cannot run at all: stop the study
-            if isinstance(e, MetricMissing) or (self.stop_on_setup_error and not targs.output_dir):
+            if isinstance(e, MetricMissing) or (self.stop_on_setup_error and not reporter.run_dir):
                 self._tell(trial, outcome)
                 raise UserError(f"trial {outcome.number}: {e}") from None
         except Exception as e:  # a failed trial keeps its run (status failed) and the study goes on
-            outcome.reason, outcome.run_dir = f"{type(e).__name__}: {e}", targs.output_dir or None
+            outcome.reason, outcome.run_dir = f"{type(e).__name__}: {e}", reporter.run_dir
             traceback.print_exc()
         return outcome
 
