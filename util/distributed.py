@@ -151,7 +151,7 @@ _keep_group = False
 
 def keep_process_group(keep=True):
     """While set, cleanup() leaves the process group up: a hyperparameter search runs main()
-    once per trial in one torchrun group and talks between trials (util/hpo.py)."""
+    once per trial in one torchrun group and talks between trials (util/hpo/)."""
     global _keep_group
     _keep_group = bool(keep)
 

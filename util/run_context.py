@@ -75,7 +75,7 @@ def seed_everything(seed, rank):
 
 class AlreadyCompleted(SystemExit):
     """Exit 0: the run these settings name has completed. A caller that catches it (the
-    hyperparameter search, util/hpo.py) learns which run it was and reuses its result."""
+    hyperparameter search, util/hpo/) learns which run it was and reuses its result."""
 
     def __init__(self, run_dir):
         super().__init__(0)

@@ -276,7 +276,7 @@ class Trainer:
             record.finish("preempted", reason=str(p))
             info(f"preempted: state saved in {run_dir}; run the same command to resume")
             return {"status": "preempted", "run_dir": run_dir}
-        except BaseException as e:  # an exception may name its own status (util/hpo.py: "pruned")
+        except BaseException as e:  # an exception may name its own status (util/hpo/trial.py: "pruned")
             try:
                 record.finish(getattr(e, "run_status", "failed"), reason=f"{type(e).__name__}: {e}",
                               **({"skipped_steps": loop.skipped_steps} if loop.skipped_steps else {}))
