@@ -334,7 +334,7 @@ def bench_data(a):
     from main_finetune import get_args_parser
     from util.config import parse_args
     from util.data import build_dataset
-    from util.synthetic import SyntheticShapes
+    from util.data import SyntheticShapes
     with tempfile.TemporaryDirectory() as d:
         src = SyntheticShapes("train", a.data_images, 320)
         for split in ("train", "val"):

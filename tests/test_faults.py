@@ -184,7 +184,7 @@ def test_truncated_checkpoint_is_skipped_by_auto_resume(rolling_run, tmp_path):
 
 def poison_samples():
     """forkrun setup: the synthetic images SUITE_TEST_NAN_INDICES come out as NaN (bad data)."""
-    from util.synthetic import SyntheticShapes
+    from util.data import SyntheticShapes
     bad = {int(i) for i in os.environ["SUITE_TEST_NAN_INDICES"].split(",")}
     original = SyntheticShapes.__getitem__
 

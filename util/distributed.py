@@ -93,18 +93,18 @@ def resolve_device(name, local_rank=0):
 def init_distributed(args):
     """Set up the process group (when launched with several processes) and the device; returns
     the DistInfo. Reads the launch flags of `args` and writes nothing onto it."""
-    launcher, rank, world, local = detect_launcher(getattr(args, "local_rank", -1),
-                                                   bool(getattr(args, "dist_on_itp", False)))
-    device = resolve_device(getattr(args, "device", "auto"), local)
+    launcher, rank, world, local = detect_launcher(args.local_rank,
+                                                   bool(args.dist_on_itp))
+    device = resolve_device(args.device, local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     distributed = world > 1
     if distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=float(getattr(args, "dist_timeout", 600)))
+        timeout = datetime.timedelta(seconds=float(args.dist_timeout))
         if launcher == "slurm":
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
-        dist.init_process_group(backend=backend, init_method=getattr(args, "dist_url", "env://"),
+        dist.init_process_group(backend=backend, init_method=args.dist_url,
                                 world_size=world, rank=rank, timeout=timeout)
     return DistInfo(rank, world, local, device, distributed, launcher)
 

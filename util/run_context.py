@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from util import distributed as du
+from util import flags
 from util import runs
 from util.config import save_config
 from util.console import info
@@ -114,7 +115,7 @@ def open_run(args, kind, ctx):
     ctx = replace(ctx, run_dir=run_dir, log_dir=args.log_dir or os.path.join(run_dir, "tensorboard"))
     if du.is_main_process():
         os.makedirs(run_dir, exist_ok=True)
-        if not getattr(args, "eval", False):  # evaluating leaves the run's config as it is
+        if not flags.value(args, "eval"):  # evaluating leaves the run's config as it is
             save_config(ctx.settings(args), os.path.join(run_dir, "config.yaml"))
     return ctx
 

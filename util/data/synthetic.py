@@ -95,7 +95,7 @@ class SyntheticKind(DataKind):
         return ds, ds.num_classes
 
     def num_classes(self, args):
-        return getattr(args, "synthetic_classes", 10)
+        return args.synthetic_classes
 
     def check(self, args):
         pass

@@ -41,7 +41,7 @@ def _guard_posterize(transform):
 
 
 def mean_std(args):
-    return ((IMAGENET_MEAN, IMAGENET_STD) if getattr(args, "imagenet_default_mean_and_std", True)
+    return ((IMAGENET_MEAN, IMAGENET_STD) if args.imagenet_default_mean_and_std
             else (INCEPTION_MEAN, INCEPTION_STD))
 
 

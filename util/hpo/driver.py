@@ -20,7 +20,7 @@ def run_study(args, kind, spec, make_launcher, parallel=1, sdir=None):
     study = storage = None
     if du.is_main_process():
         with study_lock(sdir):
-            storage = open_storage(getattr(args, "storage", None), sdir)
+            storage = open_storage(args.storage, sdir)
             study = open_study(args, spec, sdir, kind, storage)
     stop = threading.Event()
     launch = make_launcher(study, storage, stop)

@@ -180,7 +180,7 @@ def load_spec(path, parser, kind, args):
     name, trials, seed, direction = _study_keys(path, data)
     metric = _metric(path, data["metric"], kind, args)
     params = _search_space(path, data["search_space"], parser)
-    if "blr" in params and getattr(args, "lr", None) is not None:
+    if "blr" in params and args.lr is not None:
         raise UserError(f"{path}: search_space.blr has no effect while --lr {args.lr} is set; drop --lr")
     spec = SearchSpec(path=path, study_name=name, trials=trials, metric=metric, direction=direction,
                       params=params, seed=seed,

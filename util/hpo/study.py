@@ -19,7 +19,7 @@ from util.hpo.samplers import make_pruner, make_sampler
 
 
 def study_dir(args, spec):
-    return os.path.join(getattr(args, "runs_root", None) or "runs", "studies", spec.study_name)
+    return os.path.join(args.runs_root or "runs", "studies", spec.study_name)
 
 
 def open_storage(url, sdir):
@@ -52,7 +52,7 @@ def open_study(args, spec, sdir, kind, storage=None):
     """Create or (load_if_exists) continue the study; refuse one made for another metric.
     `storage`: one opened already (open_storage), else the launch's."""
     import optuna
-    storage = storage or open_storage(getattr(args, "storage", None), sdir)
+    storage = storage or open_storage(args.storage, sdir)
     study = optuna.create_study(study_name=spec.study_name, storage=storage, direction=spec.direction,
                                 load_if_exists=True, pruner=make_pruner(spec))
     if study.direction.name.lower() != spec.direction:
