@@ -16,6 +16,7 @@ import warnings
 from util.errors import UserError
 from util import flags
 from util.data import check_paths
+from util.data.base import readable_file
 from util.flags import first_failure
 
 
@@ -45,7 +46,7 @@ def check_args(args, kind):
     for flag in ("resume", "finetune"):
         path = getattr(args, flag, "")
         if path:
-            _readable_file(path, f"--{flag}")
+            readable_file(path, f"--{flag}", "give the path of a .pth checkpoint")
     if flags.value(args, "eval") and not (args.resume or flags.value(args, "finetune")):
         raise UserError("--eval True needs --resume or --finetune to know which weights to evaluate")
     check_writable(args.output_dir or os.path.join(args.runs_root or "runs", kind),
@@ -67,16 +68,6 @@ def check_model_name(name, kind):
             create_model(name)  # raises with the close names
     except ModelError as e:
         raise UserError(str(e)) from None
-
-
-def _readable_file(path, flag):
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: no such file; give the path of a .pth checkpoint")
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise UserError(f"{flag} {path} cannot be read ({e.strerror}); check its permissions") from None
 
 
 def check_writable(folder, flag):
