@@ -7,12 +7,12 @@ import functools
 
 from engine_finetune import FinetuneTask, build_model
 from util.config import parse_args
-from util.flags import build_parser
-from util.validate import check_args
 from util.errors import exit_on_user_error
+from util.flags import build_parser
 from util.run_context import start_process
 from util.train_loop import train_one_epoch
 from util.trainer import Trainer, model_errors_as_user_errors
+from util.validate import check_args
 
 
 def get_args_parser():
