@@ -1,25 +1,37 @@
-"""Checkpoint keys for the fine-tuning hand-off, and conversion to timm's naming.
+"""Weights in and out: every ConvNeXt V2 format we read, and the ones we write.
 
-Takes, and turns into `ConvNeXtV2` names and shapes:
+Takes, and turns into `ConvNeXtV2` names and shapes (`encoder_state_dict`):
 - a plain ConvNeXtV2 state dict (ours, or an official fine-tuned one);
 - our FCMAE state dict (`encoder.*`; decoder parts dropped);
 - an official sparse (MinkowskiEngine) FCMAE state dict: `kernel` tensors, `.ln.`/`.linear.`
   name parts, GRN and biases as [1, dim];
-- an official dense `*_fcmae.pt` (dense names, maybe under `encoder.`, GRN [1, dim]).
+- an official dense `*_fcmae.pt` (dense names, maybe under `encoder.`, GRN [1, dim]);
+- timm's convnextv2 (`stem.0.weight`, `stages.0.blocks.0.mlp.grn.weight` [dim], ...);
+- Hugging Face transformers' ConvNextV2ForImageClassification / ConvNextV2Model
+  (`convnextv2.embeddings...`, `convnextv2.encoder.stages...`, `classifier.*`).
+Files: torch (`.pth`, `.pt`, `.bin`; weights-only load), `.safetensors`, or a Hugging Face
+folder (`config.json` + `model.safetensors`, sharded or `pytorch_model.bin`).
 Anything it cannot place is an error, not a silently skipped key. These conversions apply to
 our `ConvNeXtV2` only: a timm model (`--model resnet18`, timm's own `convnextv2_*`) already uses
 its own names, so its checkpoints only lose wrapper prefixes (see `state_dict_for`).
 
+Out (`convert --to`): ours (`{"model": ...}`), timm, hf (a folder `from_pretrained` loads) and
+official (a FCMAE encoder in the released layout, GRN [1, dim], that the original fine-tuning
+code maps back without loss); OUT ending in `.safetensors` writes safetensors.
+
 `select_state_dict` picks the weights out of a checkpoint as fine-tuning does (key, prefix).
 Errors are `ModelError`s naming the arguments, not the scripts' flags (models/errors.py).
 
-CLI: python -m models.weights to_timm IN OUT [--model-key model|module]
+CLI: python -m models.weights convert IN OUT --to ours|timm|hf|official [--model-key K]
+     python -m models.weights to_timm IN OUT [--model-key K]   (= convert --to timm)
 """
 import argparse
+import json
 import math
 import os
 import re
 import sys
+import tempfile
 import warnings
 from typing import NamedTuple
 
@@ -80,6 +92,97 @@ def select_state_dict(checkpoint, model_key=DEFAULT_MODEL_KEY, prefix=""):
     return sd
 
 
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+              "pytorch_model.bin.index.json")
+
+
+def is_safetensors(path):
+    """A safetensors file: by its name, or by its header (8-byte length, then a JSON object)."""
+    if str(path).endswith(".safetensors"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 32
+
+
+def read_safetensors(path):
+    """All tensors of a safetensors file (on CPU). A truncated or foreign file is a ModelError."""
+    from safetensors.torch import load_file as load_safetensors
+    if not os.path.isfile(path):
+        raise ModelError(f"weights file {path} does not exist; check the path")
+    try:
+        return load_safetensors(path)
+    except Exception as e:  # SafetensorError: truncated, bad header; OSError
+        raise ModelError(f"cannot read safetensors file {path} ({str(e).splitlines()[0][:120]}); "
+                         "it is truncated or not a safetensors file: download or write it again") from None
+
+
+def read_hf_config(folder):
+    """A Hugging Face folder's config.json, checked: model_type convnextv2, depths and hidden
+    sizes of one of our variants. Returns (config dict, variant name)."""
+    from models.convnextv2 import VARIANTS
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {path} ({e}); a Hugging Face folder needs its config.json") from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind != "convnextv2":
+        raise ModelError(f"{path} describes a {kind!r} model, not ConvNeXt V2 (model_type "
+                         "'convnextv2'); pass a ConvNeXt V2 folder")
+    shape = (tuple(config.get("depths") or ()), tuple(config.get("hidden_sizes") or ()))
+    for name, variant in VARIANTS.items():
+        if shape == variant:
+            return config, name
+    raise ModelError(f"{path}: depths {list(shape[0])} and hidden_sizes {list(shape[1])} match none "
+                     f"of our ConvNeXt V2 variants ({', '.join(VARIANTS)}); pass a released variant")
+
+
+def _read_any(path):
+    return read_safetensors(path) if is_safetensors(path) else load_file(path)
+
+
+def read_hf_folder(folder):
+    """The state dict of a Hugging Face ConvNeXt V2 folder (one file or shards) and its config."""
+    config = read_hf_config(folder)[0] if os.path.exists(os.path.join(folder, "config.json")) else None
+    found = [n for n in HF_WEIGHTS if os.path.isfile(os.path.join(folder, n))]
+    if not found:
+        raise ModelError(f"folder {folder} holds no weights (none of {', '.join(HF_WEIGHTS)}); "
+                         "download the model's weights file into it")
+    path = os.path.join(folder, found[0])
+    if not path.endswith(".index.json"):
+        return _read_any(path), config
+    try:
+        with open(path, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise ModelError(f"cannot read the shard index {path} ({e}); download it again") from None
+    sd = {}
+    for shard in shards:
+        sd.update(_read_any(os.path.join(folder, shard)))
+    return sd, config
+
+
+def read_folder_or_safetensors(path):
+    """The weights of a Hugging Face folder or a safetensors file; None for a torch file (its
+    reader, with the weights-only checks, is the caller's: `load_file` or util/checkpoint)."""
+    if os.path.isdir(path):
+        return read_hf_folder(path)[0]
+    if is_safetensors(path):
+        return read_safetensors(path)
+    return None
+
+
+def read_weights(path, model_key=DEFAULT_MODEL_KEY):
+    """The state dict in any file or folder we read (see the module's docstring)."""
+    sd = read_folder_or_safetensors(path)
+    return load_file(path, model_key) if sd is None else sd
+
+
 def _strip_wrappers(sd, own=()):
     """Remove a prefix every key carries, unless the model's own keys (`own`) use it too."""
     for prefix in WRAPPER_PREFIXES:
@@ -106,9 +209,76 @@ def _kernel_to_weight(kernel):
                     "the checkpoint is not a ConvNeXt V2 FCMAE checkpoint")
 
 
+_B = r"stages\.(\d+)\.blocks\.(\d+)\."  # a timm block
+_L = r"(?:convnextv2\.)?encoder\.stages\.(\d+)\.layers\.(\d+)\."  # a Hugging Face block
+# (pattern at the start of a key, replacement): timm's / Hugging Face's names -> ours
+FROM_TIMM = ((r"stem\.0\.", "downsample_layers.0.0."), (r"stem\.1\.", "downsample_layers.0.1."),
+             (r"stages\.(\d+)\.downsample\.(\d)\.", r"downsample_layers.\1.\2."),
+             (_B + r"conv_dw\.", r"stages.\1.\2.dwconv."), (_B + r"norm\.", r"stages.\1.\2.norm."),
+             (_B + r"mlp\.fc1\.", r"stages.\1.\2.pwconv1."), (_B + r"mlp\.fc2\.", r"stages.\1.\2.pwconv2."),
+             (_B + r"mlp\.grn\.weight$", r"stages.\1.\2.grn.gamma"),
+             (_B + r"mlp\.grn\.bias$", r"stages.\1.\2.grn.beta"),
+             (r"head\.norm\.", "norm."), (r"head\.fc\.", "head."))
+FROM_HF = ((r"(?:convnextv2\.)?embeddings\.patch_embeddings\.", "downsample_layers.0.0."),
+           (r"(?:convnextv2\.)?embeddings\.layernorm\.", "downsample_layers.0.1."),
+           (r"(?:convnextv2\.)?encoder\.stages\.(\d+)\.downsampling_layer\.(\d)\.", r"downsample_layers.\1.\2."),
+           (_L + r"layernorm\.", r"stages.\1.\2.norm."), (_L + r"grn\.weight$", r"stages.\1.\2.grn.gamma"),
+           (_L + r"grn\.bias$", r"stages.\1.\2.grn.beta"), (_L, r"stages.\1.\2."),
+           (r"(?:convnextv2\.)?layernorm\.", "norm."), (r"classifier\.", "head."))
+# ours -> Hugging Face (ConvNextV2Model names; the classifier model adds `convnextv2.`)
+TO_HF = ((r"downsample_layers\.0\.0\.", "embeddings.patch_embeddings."),
+         (r"downsample_layers\.0\.1\.", "embeddings.layernorm."),
+         (r"downsample_layers\.(\d)\.(\d)\.", r"encoder.stages.\1.downsampling_layer.\2."),
+         (r"stages\.(\d+)\.(\d+)\.norm\.", r"encoder.stages.\1.layers.\2.layernorm."),
+         (r"stages\.(\d+)\.(\d+)\.grn\.gamma$", r"encoder.stages.\1.layers.\2.grn.weight"),
+         (r"stages\.(\d+)\.(\d+)\.grn\.beta$", r"encoder.stages.\1.layers.\2.grn.bias"),
+         (r"stages\.(\d+)\.(\d+)\.", r"encoder.stages.\1.layers.\2."),
+         (r"norm\.", "layernorm."), (r"head\.", "classifier."))
+_HF_KEY = re.compile(r"(?:convnextv2\.)?(?:embeddings\.patch_embeddings\.|"
+                     r"encoder\.stages\.\d+\.(?:layers|downsampling_layer)\.)")
+_TIMM_KEY = re.compile(r"stem\.[01]\.|stages\.\d+\.(?:blocks|downsample)\.")
+
+
+def source_format(sd):
+    """'hf', 'timm' or 'official' (ours, official fine-tuned, any FCMAE layout) by the keys."""
+    if any(_HF_KEY.match(k) for k in sd):
+        return "hf"
+    if any(_TIMM_KEY.match(k) for k in sd):
+        return "timm"
+    return "official"
+
+
+def rename(key, rules):
+    """`key` after the first rule whose pattern matches its start; unchanged if none does (so
+    a key of another architecture stays visible to the fit check)."""
+    for pattern, replacement in rules:
+        new, n = re.subn("^" + pattern, replacement, key, count=1)
+        if n:
+            return new
+    return key
+
+
+def _from_named(sd, rules):
+    """timm's or Hugging Face's names -> ours; 1x1-conv MLP weights (timm) become Linear ones,
+    GRN [dim] / [1, 1, 1, dim] becomes [1, 1, 1, dim]."""
+    out = {}
+    for key, value in sd.items():
+        key = rename(key, rules)
+        if re.search(r"\.pwconv[12]\.weight$", key) and value.dim() == 4:
+            value = value.flatten(1)
+        elif ".grn." in key:
+            value = value.reshape(1, 1, 1, -1)
+        out[key] = value
+    return out
+
+
 def encoder_state_dict(sd):
-    """Any supported ConvNeXt V2 / FCMAE state dict -> ConvNeXtV2 names and shapes."""
+    """Any supported ConvNeXt V2 / FCMAE state dict (ours, official, timm, Hugging Face) ->
+    ConvNeXtV2 names and shapes."""
     sd = _strip_wrappers(dict(sd))
+    fmt = source_format(sd)
+    if fmt != "official":
+        return _from_named(sd, FROM_HF if fmt == "hf" else FROM_TIMM)
     is_pretrain = any(k.startswith("encoder.") for k in sd)
     out = {}
     for key, value in sd.items():
@@ -131,9 +301,35 @@ def encoder_state_dict(sd):
     return out
 
 
-def _describe(problems):
-    more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-    return "; ".join(problems[:3]) + more
+def _describe(problems, n=3):
+    more = f" (+{len(problems) - n} more)" if len(problems) > n else ""
+    return "; ".join(problems[:n]) + more
+
+
+class VariantMismatch(ModelError):
+    """Weights of one ConvNeXt V2 variant for a model of another: names both. `message(arg)`
+    names the model's argument as the caller calls it (a script: its flag)."""
+
+    def __init__(self, found, wanted, detail):
+        self.found, self.wanted, self.detail = found, wanted, detail
+        super().__init__(self.message())
+
+    def message(self, model_arg="model"):
+        return (f"checkpoint does not fit the model: {self.detail}: the checkpoint is {self.found}, "
+                f"{model_arg} is {self.wanted}; pass a {self.wanted} checkpoint or use {model_arg} "
+                f"{self.found}")
+
+
+def explain(e, model_arg="model"):
+    """The message of ModelError `e`, with the model's argument called `model_arg`."""
+    return e.message(model_arg) if isinstance(e, VariantMismatch) else str(e)
+
+
+def _variant_or_none(sd):
+    try:
+        return variant_of(sd)
+    except ModelError:
+        return None
 
 
 def is_ours(model):
@@ -156,11 +352,12 @@ def classifier_prefixes(model):
     return tuple(f"{n}." for n in names)
 
 
-def check_fit(own, sd, head=("head.",), allowed_missing=("head.", "norm.")):
+def check_fit(own, sd, head=("head.",), allowed_missing=("head.", "norm."), variants=False):
     """Which entries of the converted `sd` fit `own` (a model's state dict, meta tensors are
     fine). Keys under the `head` prefixes (the classifier) that the model lacks or has in
     another shape are dropped with a warning; any other key or shape that does not fit, or a
-    missing key outside `allowed_missing` and `head`, raises ModelError."""
+    missing key outside `allowed_missing` and `head`, raises ModelError. `variants` (both in
+    ConvNeXtV2 names): weights of another of our variants raise VariantMismatch."""
     problems, placed, dropped = [], {}, []
     for key, value in sd.items():
         in_head = key.startswith(tuple(head))
@@ -180,6 +377,9 @@ def check_fit(own, sd, head=("head.",), allowed_missing=("head.", "norm.")):
     if dropped:
         warnings.warn(f"dropping the checkpoint's classifier head ({'; '.join(dropped)}): the "
                       "model has another number of classes, its head stays freshly initialised")
+    found, wanted = (_variant_or_none(sd), _variant_or_none(own)) if variants else (None, None)
+    if problems and found and wanted and found != wanted:
+        raise VariantMismatch(found, wanted, _describe(problems, 1))
     if not placed:
         raise ModelError("the checkpoint is neither a ConvNeXt V2 checkpoint (ours or official) "
                          "nor one of this model (no key fits); pass a matching checkpoint")
@@ -205,9 +405,9 @@ def state_dict_for(model, sd):
 def fit(model, sd):
     """The entries of checkpoint state dict `sd` that go into `model` (see `check_fit`): ours
     may lack its head and final norm (a FCMAE encoder has neither), any model its classifier."""
-    allowed = ("head.", "norm.") if is_ours(model) else ()
+    ours = is_ours(model)
     return check_fit(model.state_dict(), state_dict_for(model, sd),
-                     classifier_prefixes(model), allowed)
+                     classifier_prefixes(model), ("head.", "norm.") if ours else (), variants=ours)
 
 
 class Loaded(NamedTuple):
@@ -238,6 +438,33 @@ def variant_of(sd):
                      "ConvNeXt V2 variants; pass a ConvNeXt V2 checkpoint")
 
 
+class Ours(NamedTuple):
+    """Checked weights in ConvNeXtV2 names: the variant, classes (0: an encoder), channels."""
+    state_dict: dict
+    name: str
+    num_classes: int
+    in_chans: int
+
+
+def checked_ours(sd):
+    """Any supported state dict -> Ours: converted, its variant found, every key placed (only
+    the head and final norm may be missing, as in a FCMAE encoder)."""
+    from models.convnextv2 import VARIANTS, ConvNeXtV2
+    dense = encoder_state_dict(sd)
+    if "stages.0.0.dwconv.weight" not in dense:
+        raise ModelError("the checkpoint is neither ours nor an official, timm or Hugging Face "
+                         "ConvNeXt V2 one (no weights of a first block); pass a ConvNeXt V2 checkpoint")
+    name = variant_of(dense)
+    num_classes = dense["head.weight"].shape[0] if "head.weight" in dense else 0
+    stem = dense.get("downsample_layers.0.0.weight")
+    in_chans = 3 if stem is None else stem.shape[1]
+    depths, dims = VARIANTS[name]
+    with torch.device("meta"):  # shapes only, no memory, no init cost
+        model = ConvNeXtV2(in_chans=in_chans, depths=depths, dims=dims, num_classes=num_classes)
+    check_fit(model.state_dict(), dense, head=())
+    return Ours(dense, name, num_classes, in_chans)
+
+
 class TimmWeights(NamedTuple):
     """A checkpoint in timm's names, with the timm model name and class count it is for."""
     state_dict: dict
@@ -249,31 +476,90 @@ def to_timm_state_dict(sd):
     """Any supported checkpoint state dict -> TimmWeights(timm-named state dict, name, classes)."""
     import timm
     from timm.models.convnext import checkpoint_filter_fn
-
-    from models.convnextv2 import VARIANTS, ConvNeXtV2
-    dense = encoder_state_dict(sd)
-    if "stages.0.0.dwconv.weight" not in dense:
-        raise ModelError("the checkpoint is neither ours nor an official ConvNeXt V2 one "
-                         "(no stages.0.0.dwconv weight); pass a ConvNeXt V2 checkpoint")
-    name = variant_of(dense)
-    num_classes = dense["head.weight"].shape[0] if "head.weight" in dense else 0
-    depths, dims = VARIANTS[name]
-    with torch.device("meta"):  # shapes only, no memory, no init cost
-        ours = ConvNeXtV2(depths=depths, dims=dims, num_classes=num_classes)
-        reference = timm.create_model(name, num_classes=num_classes)
-    check_fit(ours.state_dict(), dense, head=())
-    return TimmWeights(checkpoint_filter_fn(dense, reference), name, num_classes)
+    ours = checked_ours(sd)
+    with torch.device("meta"):
+        reference = timm.create_model(ours.name, num_classes=ours.num_classes)
+    return TimmWeights(checkpoint_filter_fn(ours.state_dict, reference), ours.name, ours.num_classes)
 
 
-def _save_atomic(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def to_official_state_dict(ours):
+    """The released FCMAE layout: dense names under `encoder.`, GRN [1, dim], no head or final
+    norm. The original fine-tuning code maps this back whole; a GRN of [1, 1, 1, dim] it would
+    make 6-d and its lenient loader would leave at zero."""
+    return {"encoder." + k: (v.reshape(1, -1) if ".grn." in k else v)
+            for k, v in ours.state_dict.items() if not k.startswith(("head.", "norm."))}
 
 
-def to_timm(src, dst, model_key=DEFAULT_MODEL_KEY):
-    sd, name, num_classes = to_timm_state_dict(load_file(src, model_key))
-    _save_atomic({k: v.contiguous() for k, v in sd.items()}, dst)
+def to_hf_state_dict(ours):
+    """Hugging Face names: ConvNextV2ForImageClassification's with a head, else ConvNextV2Model's."""
+    prefix = "convnextv2." if ours.num_classes else ""
+    out = {}
+    for key, value in ours.state_dict.items():
+        key = rename(key, TO_HF)
+        out[key if key.startswith("classifier.") else prefix + key] = value
+    return out
+
+
+def hf_config(ours, labels=None):
+    """config.json for `ours`: depths, hidden sizes, classes and their labels (LABEL_i unless
+    given). layer_norm_eps 1e-6 as in the original (transformers' default is 1e-12)."""
+    from models.convnextv2 import VARIANTS
+    depths, dims = VARIANTS[ours.name]
+    config = {"architectures": ["ConvNextV2ForImageClassification" if ours.num_classes else "ConvNextV2Model"],
+              "model_type": "convnextv2", "depths": list(depths), "hidden_sizes": list(dims),
+              "num_channels": int(ours.in_chans), "num_stages": 4, "patch_size": 4, "hidden_act": "gelu",
+              "layer_norm_eps": 1e-6, "drop_path_rate": 0.0, "initializer_range": 0.02, "image_size": 224}
+    if ours.num_classes:
+        labels = list(labels or [f"LABEL_{i}" for i in range(ours.num_classes)])
+        if len(labels) != ours.num_classes:
+            raise ModelError(f"labels has {len(labels)} names, the checkpoint {ours.num_classes} "
+                             "classes; give one label per class, in class order")
+        config["id2label"] = {str(i): str(label) for i, label in enumerate(labels)}
+        config["label2id"] = {str(label): i for i, label in enumerate(labels)}
+    return config
+
+
+def _plain_tensors(sd):
+    """Contiguous CPU tensors sharing no memory (what safetensors stores)."""
+    out, seen = {}, set()
+    for key, value in sd.items():
+        value = value.detach().cpu().contiguous()
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
+def _atomic_write(path, write):
+    """`write(tmp)` into a temporary next to `path`, fsync, rename: never half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_weights(sd, path, key=None):
+    """Write state dict `sd` atomically: safetensors when `path` ends in `.safetensors` (flat,
+    metadata format "pt"), else a torch file, under `key` when given."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+        tensors = _plain_tensors(sd)
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    else:
+        obj = {k: v.contiguous() for k, v in sd.items()}
+        _atomic_write(path, lambda tmp: torch.save({key: obj} if key else obj, tmp))
+
+
+def _timm_hint(dst, name, num_classes):
     if num_classes:
         how = (f"num_classes={num_classes}, pretrained_cfg_overlay=dict(file={str(dst)!r}, "
                f"num_classes={num_classes})")
@@ -281,30 +567,113 @@ def to_timm(src, dst, model_key=DEFAULT_MODEL_KEY):
         # num_classes differs from the file's; N=0 (features only): leave out the overlay's 0
         how = (f"num_classes=<yours, 1 or more>, pretrained_cfg_overlay=dict(file={str(dst)!r}, "
                "num_classes=0)")
-    print(f"wrote {dst}; load it with timm.create_model({name!r}, pretrained=True, {how})")
+    return f"load it with timm.create_model({name!r}, pretrained=True, {how})"
+
+
+def _read_labels(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeError) as e:
+        raise ModelError(f"cannot read labels file {path} ({e}); give a text file, one label a line") from None
+
+
+def _read_source(src, model_key):
+    """(state dict, Hugging Face config or None) of any file or folder we read."""
+    if os.path.isdir(src):
+        return read_hf_folder(src)
+    return read_weights(src, model_key), None
+
+
+def _source_labels(config, num_classes):
+    id2label = (config or {}).get("id2label") or {}
+    labels = [id2label.get(str(i), id2label.get(i)) for i in range(num_classes)]
+    return labels if num_classes and None not in labels else None
+
+
+def _write_hf(ours, dst, labels):
+    if os.path.isfile(dst) or str(dst).endswith(".safetensors"):
+        raise ModelError(f"{dst}: the Hugging Face format is a folder (config.json and "
+                         "model.safetensors); give the path of a folder as dst")
+    config = hf_config(ours, labels)
+    sd = to_hf_state_dict(ours)
+    os.makedirs(dst, exist_ok=True)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    def write_text(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    _atomic_write(os.path.join(dst, "config.json"), write_text)
+    save_weights(sd, os.path.join(dst, "model.safetensors"))
+    cls = config["architectures"][0]
+    return f"load it with transformers.{cls}.from_pretrained({str(dst)!r})"
+
+
+def convert(src, dst, to, model_key=DEFAULT_MODEL_KEY, labels_file=None):
+    """Read `src` (any format we read), check it whole, then write `dst` in format `to`
+    (ours, timm, hf, official). Returns the line telling how to load the result."""
+    sd, config = _read_source(src, model_key)
+    ours = checked_ours(sd)
+    if to == "ours":
+        save_weights(ours.state_dict, dst, key="model")
+        return "load it with ConvNeXtV2.load_state_dict(<its 'model' entry>) or fine-tune from it"
+    if to == "official":
+        save_weights(to_official_state_dict(ours), dst, key="model")
+        return "the original release's fine-tuning code takes it (head and final norm start fresh)"
+    if to == "timm":
+        sd, name, num_classes = to_timm_state_dict(ours.state_dict)
+        save_weights(sd, dst)
+        return _timm_hint(dst, name, num_classes)
+    if to == "hf":
+        labels = _read_labels(labels_file) if labels_file else _source_labels(config, ours.num_classes)
+        return _write_hf(ours, dst, labels)
+    raise ModelError(f"unknown format to={to!r}; choose one of {', '.join(FORMATS_OUT)}")
+
+
+FORMATS_OUT = ("ours", "timm", "hf", "official")
+
+
+def to_timm(src, dst, model_key=DEFAULT_MODEL_KEY):
+    print(f"wrote {dst}; {convert(src, dst, 'timm', model_key)}")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m models.weights",
                                      description="Convert ConvNeXt V2 checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("to_timm", help="ours or official (fine-tune or FCMAE) -> timm names")
-    p.add_argument("src", metavar="IN")
-    p.add_argument("dst", metavar="OUT")
-    p.add_argument("--model-key", "--model_key", dest="model_key", default=DEFAULT_MODEL_KEY,
-                   help="checkpoint key(s) holding the weights, first present wins "
-                        f"(default {DEFAULT_MODEL_KEY})")
+    c = sub.add_parser("convert", help="any format we read (ours, official, timm, Hugging Face; .pth, "
+                                       ".pt, .bin, .safetensors or a folder) -> --to's format")
+    c.add_argument("--to", required=True, choices=FORMATS_OUT,
+                   help="ours: {'model': ConvNeXtV2 names}; timm: timm's names; hf: a folder "
+                        "from_pretrained loads; official: a FCMAE encoder in the released layout")
+    c.add_argument("--labels", default=None, metavar="FILE",
+                   help="hf: class names, one a line in class order (default: the source's, else LABEL_i)")
+    p = sub.add_parser("to_timm", help="ours or official (fine-tune or FCMAE) -> timm names "
+                                       "(= convert --to timm)")
+    for q in (c, p):
+        q.add_argument("src", metavar="IN")
+        q.add_argument("dst", metavar="OUT", help="ending in .safetensors: a safetensors file")
+        q.add_argument("--model-key", "--model_key", dest="model_key", default=DEFAULT_MODEL_KEY,
+                       help="checkpoint key(s) holding the weights, first present wins "
+                            f"(default {DEFAULT_MODEL_KEY})")
     return parser
 
 
 def main(argv=None):
-    """The CLI; a ModelError is one line `error: ...` on stderr and exit code 2."""
+    """The CLI; a ModelError or a failed write is one line `error: ...` on stderr and exit 2."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "to_timm":
             to_timm(args.src, args.dst, args.model_key)
+        else:
+            hint = convert(args.src, args.dst, args.to, args.model_key, args.labels)
+            print(f"wrote {args.dst}; {hint}")
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: cannot write {args.dst} ({e.strerror or e}); choose another OUT", file=sys.stderr,
+              flush=True)
         sys.exit(2)
 
 
