@@ -52,14 +52,16 @@ def classification_loss(model, batch, criterion, mixup_fn=None):
 def load_finetune_weights(args, model):
     """Start from a checkpoint's weights: ours (fine-tune or FCMAE) or an official one into our
     ConvNeXt V2, or a timm model's own checkpoint into it (models.weights.load_into). Returns
-    the run.json fields naming the source."""
-    from models.weights import load_into, select_state_dict
+    the run.json fields naming the source. Also timm's and Hugging Face's ConvNeXt V2 weights,
+    from torch or safetensors files or a Hugging Face folder."""
+    from models.weights import explain, load_into, read_folder_or_safetensors, select_state_dict
     from util.checkpoint import load_checkpoint
-    ckpt = load_checkpoint(args.finetune)
     try:
+        ckpt = read_folder_or_safetensors(args.finetune)
+        ckpt = load_checkpoint(args.finetune) if ckpt is None else ckpt
         missing, unexpected = load_into(model, select_state_dict(ckpt, args.model_key, args.model_prefix))
     except ModelError as e:
-        raise UserError(f"--finetune {args.finetune}: {e}") from None
+        raise UserError(f"--finetune {args.finetune}: {explain(e, '--model')}") from None
     info(f"loaded {args.finetune}: missing keys {missing or 'none'}, unexpected keys {unexpected or 'none'}")
     src = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
     src = vars(src) if isinstance(src, argparse.Namespace) else src  # official checkpoints
