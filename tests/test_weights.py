@@ -295,6 +295,9 @@ def test_check_checkpoints_does_not_convert_timm_models(tmp_path):
     args = argparse.Namespace(resume="", finetune=str(path), model_key="model|module",
                               model_prefix="")
     check_checkpoints(args, lambda: timm.create_model("convnextv2_atto", num_classes=3))
+    # into our ConvNeXt V2 it is converted from timm's names (issue 14; it used to be refused)
+    check_checkpoints(args, lambda: create_model("convnextv2_atto"))
+    torch.save({"model": create_model("resnet18").state_dict()}, path)
     with pytest.raises(UserError, match="--finetune .*: the checkpoint is neither"):
         check_checkpoints(args, lambda: create_model("convnextv2_atto"))
 

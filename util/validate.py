@@ -45,7 +45,7 @@ def check_args(args, kind):
     check_paths(args)  # --data_path / --eval_data_path: folders, or files for --data_set csv
     for flag in ("resume", "finetune"):
         path = getattr(args, flag, "")
-        if path:
+        if path and not (flag == "finetune" and os.path.isdir(path)):  # a Hugging Face folder
             readable_file(path, f"--{flag}", "give the path of a .pth checkpoint")
     if flags.value(args, "eval") and not (args.resume or flags.value(args, "finetune")):
         raise UserError("--eval True needs --resume or --finetune to know which weights to evaluate")
@@ -122,13 +122,17 @@ def check_checkpoints(args, model_fn):
         if model is not None:
             check_state_dict_matches(model, ckpt["model"], f"--resume {args.resume}")
     if flags.value(args, "finetune"):
-        ckpt = load_checkpoint(args.finetune, mmap=True)
+        from models.errors import ModelError
+        from models.weights import explain, fit, read_folder_or_safetensors, select_state_dict
+        try:  # a Hugging Face folder or a safetensors file; else a torch file
+            ckpt = read_folder_or_safetensors(args.finetune)
+        except ModelError as e:
+            raise UserError(f"--finetune {args.finetune}: {e}") from None
+        ckpt = load_checkpoint(args.finetune, mmap=True) if ckpt is None else ckpt
         if model is not None:
-            from models.errors import ModelError
-            from models.weights import fit, select_state_dict
             with warnings.catch_warnings():  # the real load warns about a dropped head once
                 warnings.simplefilter("ignore")
                 try:  # converts for our ConvNeXt V2 only, as the real load
                     fit(model, select_state_dict(ckpt, args.model_key, args.model_prefix))
                 except ModelError as e:
-                    raise UserError(f"--finetune {args.finetune}: {e}") from None
+                    raise UserError(f"--finetune {args.finetune}: {explain(e, '--model')}") from None
