@@ -217,6 +217,8 @@ TABLE = (
     _flag("model_key", "model|module", str, "where the weights are in a --finetune checkpoint (first found)",
           **_ft),
     _flag("model_prefix", "", str, "key prefix to strip from the --finetune weights", **_ft),
+    _flag("save_safetensors", False, str2bool, "also write the final and best weights as model.safetensors "
+          "and model-best.safetensors (weights only, for release)", role=SETTING, **_ft),
     _flag("nb_classes", 1000, int, "number of classes (set from the dataset)", role=SETTING, **_ft),
     _flag("eval_data_path", None, str, "validation data (default: <data_path>/val; the val CSV for csv)", **_ft),
     _flag("eval", False, str2bool, "only evaluate (with --resume or --finetune)", role=LAUNCH,
