@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from util import distributed as du
+from util import flags
 from util.checkpoint import (find_resumable, load_checkpoint, prune_epoch_checkpoints, rng_state,
                              save_checkpoint, set_rng_state)
 from util.console import info
@@ -109,9 +110,30 @@ def resume_point(args, run_dir, tstate):
     return start
 
 
+def save_release_weights(args, run_dir, tstate, epoch, is_best):
+    """--save_safetensors: model.safetensors after the last epoch, model-best.safetensors at each
+    new best; weights only, in the model's own names, of the model the best metric measures (the
+    EMA with --model_ema_eval). Rank 0 only, atomic; independent of --save_ckpt."""
+    if not (run_dir and flags.value(args, "save_safetensors") and du.is_main_process()):
+        return
+    from models.weights import save_weights
+    ema = tstate.ema is not None and str(tstate.best.get("name") or "").endswith("_ema")
+    weights = (tstate.ema.module if ema else tstate.model).state_dict()
+    names = ["model.safetensors"] if epoch + 1 == args.epochs else []
+    names += ["model-best.safetensors"] if is_best else []
+    for name in names:
+        path = os.path.join(run_dir, name)
+        try:
+            save_weights(weights, path)
+        except OSError as e:
+            raise UserError(f"could not write {path} ({e.strerror or e}); free disk space or choose "
+                            "another --output_dir") from None
+
+
 def save_epoch_checkpoints(args, run_dir, tstate, epoch, updates_per_epoch, is_best):
     """checkpoint-<epoch>.pth (every save_ckpt_freq epochs and at the end), checkpoint-best.pth,
     and checkpoint-last.pth, keeping the newest save_ckpt_num epoch files."""
+    save_release_weights(args, run_dir, tstate, epoch, is_best)
     if not (args.save_ckpt and run_dir):
         return
     state = tstate.state(epoch=epoch, step=0, updates_per_epoch=updates_per_epoch,
