@@ -381,8 +381,8 @@ def check_fit(own, sd, head=("head.",), allowed_missing=("head.", "norm."), vari
     if problems and found and wanted and found != wanted:
         raise VariantMismatch(found, wanted, _describe(problems, 1))
     if not placed:
-        raise ModelError("the checkpoint is neither a ConvNeXt V2 checkpoint (ours or official) "
-                         "nor one of this model (no key fits); pass a matching checkpoint")
+        raise ModelError("the checkpoint is neither a ConvNeXt V2 checkpoint (ours, official, timm or "
+                         "Hugging Face) nor one of this model (no key fits); pass a matching checkpoint")
     missing = [k for k in own if k not in sd]
     bad_missing = [k for k in missing if not k.startswith(tuple(allowed_missing) + tuple(head))]
     if bad_missing:

@@ -229,14 +229,18 @@ def _bad_inputs(d):
     odd.depths = [2, 2, 7, 2]
     (d / "hf_depths" / "config.json").write_text(odd.to_json_string())
     save_weights({}, str(d / "hf_depths" / "model.safetensors"))
+    (d / "hf_convnext").mkdir()  # ConvNeXt V1 in transformers: another architecture
+    (d / "hf_convnext" / "config.json").write_text(json.dumps({"model_type": "convnext"}))
+    save_weights({}, str(d / "hf_convnext" / "model.safetensors"))
     return {"other_architecture": (d / "resnet.safetensors", "neither"),
             "hf_folder_without_weights": (d / "hf_empty", "holds no weights"),
             "truncated_safetensors": (d / "truncated.safetensors", "cannot read safetensors file"),
-            "config_depths_match_no_variant": (d / "hf_depths", "depths [2, 2, 7, 2] and hidden_sizes")}
+            "config_depths_match_no_variant": (d / "hf_depths", "depths [2, 2, 7, 2] and hidden_sizes"),
+            "hf_folder_of_another_model": (d / "hf_convnext", "describes a 'convnext' model, not ConvNeXt V2")}
 
 
 BAD = ["other_architecture", "hf_folder_without_weights", "truncated_safetensors",
-       "config_depths_match_no_variant"]
+       "config_depths_match_no_variant", "hf_folder_of_another_model"]
 
 
 @pytest.mark.parametrize("bad", BAD)
