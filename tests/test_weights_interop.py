@@ -7,6 +7,8 @@ import argparse
 import json
 import math
 import os
+import re
+import shlex
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from models.convnextv2 import VARIANTS
 from models.errors import ModelError
 from models.weights import main, read_weights, save_weights
 from tests import forkrun
-from tests.helpers import TINY, run_record
+from tests.helpers import ROOT, TINY, run_record
 from tests.test_errors import one_line
 from util.errors import UserError
 
@@ -301,3 +303,36 @@ def test_finetune_script_from_hf_folder_writes_safetensors(tmp_path):
         create_model("convnextv2_atto", num_classes=10).load_state_dict(
             read_weights(str(out / name)), strict=True)
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def _readme_section():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return f.read().split("## Start from released weights")[1].split("\n## ")[0]
+
+
+def test_readme_convert_commands_run_as_written(tmp_path, monkeypatch):
+    """The section's `convert` lines, run in a folder holding the files they name, and its
+    transformers snippet on what they wrote."""
+    from transformers import ConvNextV2ForImageClassification
+    section = _readme_section()
+    lines = [ln for ln in re.search(r"```bash\n(.*?)```", section, re.S).group(1).splitlines()
+             if ln.startswith("python -m models.weights ")]
+    assert {shlex.split(ln)[6] for ln in lines} == {"--to"} and len(lines) == 4
+    monkeypatch.chdir(tmp_path)
+    for kind in ("finetune", "pretrain"):
+        os.makedirs(f"runs/{kind}/RUN")
+    src = ours("convnextv2_atto")
+    torch.save({"model": src.state_dict(), "model_ema": src.state_dict()}, "runs/finetune/RUN/checkpoint-best.pth")
+    torch.save({"model": create_fcmae("convnextv2_atto", decoder_embed_dim=32).state_dict()},
+               "runs/pretrain/RUN/checkpoint-1599.pth")
+    ConvNextV2ForImageClassification(hf_config("convnextv2_atto")).save_pretrained("convnextv2-atto-1k-224")
+    with open("classes.txt", "w") as f:
+        f.write("".join(f"c{i}\n" for i in range(10)))
+    for ln in lines:
+        main(shlex.split(ln)[3:])
+        assert os.path.exists(shlex.split(ln)[5])
+    env = {}
+    exec(re.search(r"```python\n(from transformers.*?)```", section, re.S).group(1), env)
+    x = x_in()
+    with torch.no_grad():
+        torch.testing.assert_close(env["model"].eval()(pixel_values=x).logits, src(x), **TOL)
