@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shlex
+import types
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import torch
 from models import create_fcmae, create_model
 from models.convnextv2 import VARIANTS
 from models.errors import ModelError
-from models.weights import main, read_weights, save_weights
+from models.weights import encoder_state_dict, main, read_weights, save_weights
 from tests import forkrun
 from tests.helpers import ROOT, TINY, run_record
 from tests.test_errors import one_line
@@ -336,3 +337,37 @@ def test_readme_convert_commands_run_as_written(tmp_path, monkeypatch):
     x = x_in()
     with torch.no_grad():
         torch.testing.assert_close(env["model"].eval()(pixel_values=x).logits, src(x), **TOL)
+
+
+def test_sharded_hugging_face_folder(tmp_path):
+    from transformers import ConvNextV2ForImageClassification
+    witness = randomise(ConvNextV2ForImageClassification(hf_config("convnextv2_atto")), seed=9)
+    witness.save_pretrained(str(tmp_path / "hf"), max_shard_size="500KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    model = create_model("convnextv2_atto", num_classes=10).eval()
+    model.load_state_dict(encoder_state_dict(read_weights(str(tmp_path / "hf"))), strict=True)
+    x = x_in()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), witness(pixel_values=x).logits, **TOL)
+
+
+def test_release_weights_final_and_best(tmp_path):
+    """--save_safetensors: model-best at a new best, model after the last epoch; the EMA's
+    weights when the best metric is the EMA's; nothing for a run without the flag."""
+    from util.train_state import save_release_weights
+    model, ema = ours("convnextv2_atto"), ours("convnextv2_atto")
+    with torch.no_grad():
+        ema.head.bias.fill_(1.0)
+    tstate = types.SimpleNamespace(model=model, ema=types.SimpleNamespace(module=ema),
+                                   best={"name": "test_acc1_ema"})
+    args = argparse.Namespace(save_safetensors=True, epochs=2)
+    save_release_weights(args, str(tmp_path), tstate, 0, True)
+    assert sorted(os.listdir(tmp_path)) == ["model-best.safetensors"]
+    save_release_weights(args, str(tmp_path), tstate, 1, False)
+    assert sorted(os.listdir(tmp_path)) == ["model-best.safetensors", "model.safetensors"]
+    assert torch.equal(read_weights(str(tmp_path / "model.safetensors"))["head.bias"], ema.head.bias)
+    tstate.best = {"name": "test_acc1"}
+    save_release_weights(args, str(tmp_path), tstate, 1, True)
+    assert torch.equal(read_weights(str(tmp_path / "model-best.safetensors"))["head.bias"], model.head.bias)
+    save_release_weights(argparse.Namespace(epochs=2), str(tmp_path / "pre"), tstate, 1, True)  # pretraining
+    assert not (tmp_path / "pre").exists()
