@@ -614,11 +614,16 @@ def convert(src, dst, to, model_key=DEFAULT_MODEL_KEY, labels_file=None):
     (ours, timm, hf, official). Returns the line telling how to load the result."""
     sd, config = _read_source(src, model_key)
     ours = checked_ours(sd)
+    flat = str(dst).endswith(".safetensors")
     if to == "ours":
         save_weights(ours.state_dict, dst, key="model")
-        return "load it with ConvNeXtV2.load_state_dict(<its 'model' entry>) or fine-tune from it"
+        how = (f"safetensors.torch.load_file({str(dst)!r})" if flat
+               else f"torch.load({str(dst)!r}, weights_only=True)['model']")
+        return f"load it with ConvNeXtV2.load_state_dict({how}), or fine-tune from it"
     if to == "official":
         save_weights(to_official_state_dict(ours), dst, key="model")
+        if flat:
+            return "the original release's code reads torch files: for it, write OUT as .pt"
         return "the original release's fine-tuning code takes it (head and final norm start fresh)"
     if to == "timm":
         sd, name, num_classes = to_timm_state_dict(ours.state_dict)
