@@ -18,7 +18,7 @@ def build_model(args, nb_classes):
     from models import create_model
     try:
         return create_model(args.model, num_classes=nb_classes, drop_path_rate=args.drop_path,
-                            head_init_scale=args.head_init_scale)
+                            head_init_scale=args.head_init_scale, grad_checkpointing=args.grad_checkpointing)
     except ModelError as e:
         raise as_user_error(e, {"drop_path_rate": "--drop_path"}) from None
 

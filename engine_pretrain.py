@@ -17,7 +17,7 @@ def build_model(args):
     try:
         return create_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth,
                             decoder_embed_dim=args.decoder_embed_dim, norm_pix_loss=args.norm_pix_loss,
-                            img_size=args.input_size)
+                            img_size=args.input_size, grad_checkpointing=args.grad_checkpointing)
     except ModelError as e:
         raise as_user_error(e, FLAGS) from None
 

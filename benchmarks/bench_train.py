@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py ... --channels_last --json
     python benchmarks/bench_train.py --data_pipeline --workers 0 1 2     # JPEG decode + augment
     python benchmarks/bench_train.py --startup                           # README demo: first step
+    python benchmarks/bench_train.py --grad_checkpointing --model convnextv2_tiny --batch_size 8
 
 Contenders are timed round-robin (machine stalls hit all of them), each a median over rounds.
 Engines run through the real epoch loop (util/train_loop.train_one_epoch) with the tasks' own
@@ -328,6 +329,73 @@ def bench_engines(a):
     return out
 
 
+def checkpointing_contenders(a):
+    """Our fine-tuning and FCMAE steps (the real epoch loop), each with and without gradient
+    checkpointing, from the same weights and batches."""
+    import functools
+
+    import engine_finetune
+    import engine_pretrain
+    from models import create_fcmae, create_model
+    from util.optim import create_optimizer
+    from util.train_loop import Amp, train_one_epoch
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batches = _batches(a, device)
+    loader, one = InMemoryLoader(batches), InMemoryLoader(batches[:1])
+    amp = Amp.create(a.use_amp, device)
+    opt_args = argparse.Namespace(weight_decay=0.05, layer_decay=1.0, opt="adamw", opt_eps=1e-8, opt_betas=None,
+                                  momentum=0.9)
+    crit = torch.nn.CrossEntropyLoss()
+    losses = {"finetune": functools.partial(engine_finetune.classification_loss, criterion=crit),
+              "pretrain": functools.partial(engine_pretrain.masked_loss, mask_ratio=0.6)}
+    contenders = []
+    for kind, build in (("finetune", functools.partial(create_model, a.model, num_classes=1000)),
+                        ("pretrain", functools.partial(create_fcmae, a.model, decoder_embed_dim=512))):
+        for ckpt in (False, True):
+            torch.manual_seed(0)
+            model = build(grad_checkpointing=ckpt).to(device)
+            opt = create_optimizer(opt_args, model, 1e-4, device, betas=(0.9, 0.95) if kind == "pretrain" else None)
+            st = _loop_state(amp, a.steps)
+
+            def step(ld, model=model, opt=opt, st=st, loss=losses[kind]):
+                train_one_epoch(model, loss, ld, opt, device, 0, st)
+            name = kind + ("_grad_ckpt" if ckpt else "")
+            contenders.append(Contender(name, lambda f=step: f(loader), lambda f=step: f(one),
+                                        a.steps * a.batch_size))
+    return contenders, device
+
+
+def bench_checkpointing(a):
+    """Step memory (the step's own: activations, gradients, temporaries) and step time with and
+    without --grad_checkpointing, timed round-robin as bench_engines."""
+    import contextlib
+    from util.speed import tune_allocator
+    tuned = tune_allocator(True) if not a.no_malloc_tuning else False
+    contenders, device = checkpointing_contenders(a)
+    mem = PeakMemory(device)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        for c in contenders:
+            c.run_first(device)
+        for c in contenders:
+            c.warm_up(device, mem)
+        for _ in range(a.rounds):
+            for c in contenders:
+                c.run(device, mem)
+    mb, out = 2 ** 20, {}
+    for c in contenders:
+        out[f"{c.name}_step_s"] = round(statistics.median(c.times) / a.steps, 4)
+        out[f"{c.name}_step_mem_mb"] = round(c.step_mem / mb, 1) if c.step_mem is not None else None
+    for kind in ("finetune", "pretrain"):
+        plain, ckpt = kind, f"{kind}_grad_ckpt"
+        out[f"{ckpt}_time_ratio"] = round(out[f"{ckpt}_step_s"] / out[f"{plain}_step_s"], 3)
+        if out[f"{plain}_step_mem_mb"]:
+            out[f"{ckpt}_mem_ratio"] = round(out[f"{ckpt}_step_mem_mb"] / out[f"{plain}_step_mem_mb"], 3)
+    out.update(model=a.model, input_size=a.input_size, batch_size=a.batch_size, use_amp=a.use_amp, device=str(device),
+               peak_mem_kind="cuda_max_memory_allocated" if device.type == "cuda" else "malloc_in_use_sampled",
+               malloc_tuned=tuned, threads=torch.get_num_threads(), torch=torch.__version__)
+    return out
+
+
 def bench_data(a):
     """JPEGs written here, decoded and augmented by our training transforms."""
     from torch.utils.data import DataLoader
@@ -391,8 +459,13 @@ def main():
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--startup", action="store_true", help="measure the README demo's time to first step")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--grad_checkpointing", action="store_true",
+                   help="step memory and time of our fine-tuning and FCMAE steps with and without it instead")
     a = p.parse_args()
-    out = bench_data(a) if a.data_pipeline else bench_startup(a) if a.startup else bench_engines(a)
+    if a.grad_checkpointing:
+        out = bench_checkpointing(a)
+    else:
+        out = bench_data(a) if a.data_pipeline else bench_startup(a) if a.startup else bench_engines(a)
     if a.json:
         print(json.dumps(out))
     else:

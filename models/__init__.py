@@ -24,7 +24,7 @@ def _unknown(name, candidates, what, choices):
 
 def create_model(name, **kwargs):
     """Build `name`: one of ours (kwargs: num_classes, drop_path_rate, head_init_scale,
-    in_chans) or, for any other name, `timm.create_model(name, pretrained=False, **kwargs)`."""
+    in_chans, grad_checkpointing) or, for any other name, `timm.create_model(name, pretrained=False, **kwargs)`."""
     if name in VARIANTS:
         return getattr(convnextv2, name)(**kwargs)
     import timm  # only for names that are not ours (slow import)
@@ -33,7 +33,21 @@ def create_model(name, **kwargs):
                        f"one of {', '.join(model_names())} or a timm model name")
     kwargs = dict(kwargs)
     kwargs.pop("head_init_scale", None)  # our head init; timm models have their own
-    return timm.create_model(name, pretrained=False, **kwargs)
+    checkpointing = kwargs.pop("grad_checkpointing", False)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if checkpointing:
+        set_timm_grad_checkpointing(model, name)
+    return model
+
+
+def set_timm_grad_checkpointing(model, name):
+    """timm's own switch; models without it refuse (an assertion, or no such method)."""
+    try:
+        model.set_grad_checkpointing(True)
+    except (AssertionError, AttributeError, NotImplementedError) as e:
+        why = f" ({e})" if str(e) else ""
+        raise ModelError(f"grad_checkpointing is not supported by the timm model {name!r}{why}; "
+                         "leave it off for this model") from None
 
 
 def create_fcmae(name, **kwargs):

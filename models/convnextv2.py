@@ -16,6 +16,7 @@ gathered kept positions only, which is where the pretraining speed comes from.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from models.errors import ModelError
 
@@ -253,8 +254,9 @@ class ConvNeXtV2(nn.Module):
 
     def __init__(self, in_chans=3, num_classes=1000, depths=(3, 3, 9, 3),
                  dims=(96, 192, 384, 768), drop_path_rate=0.0, head_init_scale=1.0,
-                 with_head=True):
+                 with_head=True, grad_checkpointing=False):
         super().__init__()
+        self.grad_checkpointing = bool(grad_checkpointing)
         if len(depths) != len(dims):
             raise ValueError("depths and dims must have the same length")
         if not 0.0 <= drop_path_rate < 1.0:
@@ -289,6 +291,17 @@ class ConvNeXtV2(nn.Module):
                 self.head.weight.mul_(head_init_scale)
                 self.head.bias.mul_(head_init_scale)
 
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each block in backward instead of keeping its activations (timm's name):
+        less memory, one more forward of the blocks per step, the same gradients."""
+        self.grad_checkpointing = bool(enable)
+
+    def _run_block(self, block, x, keep=None):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # non-reentrant; the RNG state is restored for the recomputation (same drop_path)
+            return checkpoint(block, x, keep, use_reentrant=False)
+        return block(x, keep)
+
     @property
     def stride(self):
         """Total downsampling factor of the last stage."""
@@ -300,7 +313,9 @@ class ConvNeXtV2(nn.Module):
             raise RuntimeError("this ConvNeXtV2 was built with_head=False (an encoder)")
         x = x.contiguous(memory_format=torch.channels_last)
         for down, stage in zip(self.downsample_layers, self.stages):
-            x = stage(down(x))
+            x = down(x)
+            for block in stage:
+                x = self._run_block(block, x)
         return self.norm(x.mean([-2, -1]))
 
     def forward(self, x):
@@ -329,7 +344,7 @@ class ConvNeXtV2(nn.Module):
                 x = down[1](x).masked_fill(new.removed, 0.0)
                 kept = new
             for block in stage:
-                x = block(x, kept)
+                x = self._run_block(block, x, kept)
         return x
 
 

@@ -22,10 +22,11 @@ class FCMAE(nn.Module):
 
     def __init__(self, img_size=224, in_chans=3, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
                  decoder_depth=1, decoder_embed_dim=512, patch_size=32, mask_ratio=0.6,
-                 norm_pix_loss=True):
+                 norm_pix_loss=True, grad_checkpointing=False):
         super().__init__()
         _check_ratio(mask_ratio)
-        self.encoder = ConvNeXtV2(in_chans=in_chans, depths=depths, dims=dims, with_head=False)
+        self.encoder = ConvNeXtV2(in_chans=in_chans, depths=depths, dims=dims, with_head=False,
+                                  grad_checkpointing=grad_checkpointing)
         if patch_size != self.encoder.stride:
             raise ModelError(f"patch_size {patch_size} must equal the encoder's total stride "
                              f"{self.encoder.stride}; use patch_size={self.encoder.stride}")
@@ -45,6 +46,10 @@ class FCMAE(nn.Module):
         for part in (self.proj, self.decoder, self.pred):
             part.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute the encoder's blocks in backward (the decoder's one block is kept)."""
+        self.encoder.set_grad_checkpointing(enable)
 
     def patchify(self, imgs):
         """[N, C, H, W] -> [N, L, p*p*C], each patch flattened in (row, column, channel) order."""

@@ -243,6 +243,8 @@ RANGE_ROWS = [
     ("opt", F, ["--opt", "adamx"], "--opt 'adamx' is not an optimizer timm knows (did you mean adamax"),
     ("aa", F, ["--aa", "bogus-policy"], "--aa 'bogus-policy' is not a timm augmentation policy"),
     ("aa_bad_section", F, ["--aa", "rand-m9-x3"], "--aa 'rand-m9-x3' is not a timm augmentation policy"),
+    ("grad_checkpointing_unsupported", F, ["--model", "dla46_c", "--grad_checkpointing", "True"],
+     "--grad_checkpointing is not supported by the timm model 'dla46_c' (gradient checkpointing not supported)"),
     # pretraining only (main_pretrain.validate_args)
     ("mask_ratio", P, ["--mask_ratio", "0"], "--mask_ratio 0.0 must be in (0, 1)"),
     ("pretrain_input_size", P, ["--input_size", "48"], "--input_size 48 must be a multiple of 32"),

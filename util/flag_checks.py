@@ -199,3 +199,24 @@ def augment_policy(args):
         return (f"--aa {aa!r} is not a timm augmentation policy{why}; use e.g. rand-m9-mstd0.5-inc1 "
                 "(RandAugment), augmix-m5-w3, original, v0, 3a, or none")
     return None
+
+
+def grad_checkpointing(args):
+    """a model that can recompute its blocks: ours, or a timm model with set_grad_checkpointing"""
+    if not args.grad_checkpointing:
+        return None
+    from models import ModelError, create_model, model_names
+    if args.model in model_names():
+        return None
+    import timm
+    import torch
+    if not timm.is_model(args.model):
+        return None  # the model check names the close matches
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no init
+            create_model(args.model, grad_checkpointing=True)
+    except ModelError as e:  # it names its argument, grad_checkpointing: name the flag instead
+        return "--" + str(e)
+    except Exception:  # a model that cannot be built shape-only: the real build decides
+        return None
+    return None

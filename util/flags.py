@@ -151,6 +151,10 @@ TABLE = (
           role=SETTING, nargs="?", const=True),
     _flag("compile", False, str2bool, "torch.compile the model (eager fallback where it cannot compile)",
           role=SETTING, nargs="?", const=True),
+    _flag("grad_checkpointing", False, str2bool, "recompute the model's blocks in backward instead of keeping "
+                                                 "their activations: less memory, more time per step, the same "
+                                                 "gradients (ours, and timm models that support it)",
+          role=SETTING, nargs="?", const=True, checks=(Rule(fc.grad_checkpointing, kinds=(FT,)),)),
     # ------------------------------------------------------------ distributed
     _flag("world_size", 1, int, "number of processes (set by the launcher)", role=LAUNCHER),
     _flag("local_rank", -1, int, "local rank (set by torch.distributed.launch)", role=LAUNCHER,
