@@ -242,6 +242,8 @@ def build_contenders(a):
     from util.train_loop import Amp, train_one_epoch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the scripts do (util/run_context.start_process)
     batches = _batches(a, device)
     loader = InMemoryLoader(batches)
     amp = Amp.create(a.use_amp, device)
@@ -282,6 +284,82 @@ def build_contenders(a):
     return contenders, device, ours
 
 
+class _StderrWatch:
+    """Pass stderr through and keep the lines that start with `prefix` (the one-line warning of
+    util/speed.maybe_compile when compiling fails and the contender runs eagerly)."""
+
+    def __init__(self, prefix):
+        self.prefix, self.lines, self.real = prefix, [], None
+
+    def write(self, text):
+        self.lines += [line for line in text.splitlines() if line.startswith(self.prefix)]
+        return self.real.write(text)
+
+    def flush(self):
+        self.real.flush()
+
+    def __enter__(self):
+        self.real, sys.stderr = sys.stderr, self
+        return self.lines
+
+    def __exit__(self, *exc):
+        sys.stderr = self.real
+
+
+# profiler keys (inclusive time) of the parts the summary names; GRN is our autograd Function
+PROFILE_PARTS = {
+    "grn": ("_GRNFunction", "autograd::engine::evaluate_function: _GRNFunctionBackward"),
+    "layer_norm": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),
+    "conv": ("aten::convolution", "aten::convolution_backward"),
+    "matmul": ("aten::addmm", "aten::mm", "aten::bmm"),
+}
+
+
+def profile_call(fn, device, path, rows=30):
+    """torch.profiler over one more call `fn` (after the timed rounds). Writes the table of the
+    top kernels by self device time (CPU: ops by self CPU time) to `path`; returns the summary
+    for the JSON: total, the top 10 and the shares of PROFILE_PARTS (forward and backward)."""
+    import contextlib
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(device)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), profile(activities=acts) as prof:
+        fn()
+        _sync(device)
+    events = prof.key_averages()
+    with open(path, "w") as f:
+        f.write(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                             row_limit=rows) + "\n")
+    own = sorted(((e.self_device_time_total if cuda else e.self_cpu_time_total, e.key) for e in events
+                  if not cuda or e.device_type == DeviceType.CUDA), reverse=True)
+    total = sum(t for t, _ in own) or 1.0
+    incl = {e.key: e.device_time_total if cuda else e.cpu_time_total for e in events}
+    out = {"profile_kind": "cuda_kernels" if cuda else "cpu_ops", "profile_total_ms": round(total / 1e3, 3),
+           "profile_top": [[k[:160], round(t / 1e3, 3), round(t / total, 4)] for t, k in own[:10]]}
+    out.update({f"profile_{part}_share": round(sum(incl.get(k, 0) for k in keys) / total, 4)
+                for part, keys in PROFILE_PARTS.items()})
+    return out
+
+
+def _settings(a, device, compile_warnings):
+    """What the figures were measured under (autocast dtype, cuDNN autotuning, compilation)."""
+    from util.train_loop import Amp
+    amp = Amp.create(a.use_amp, device)
+    out = {"amp_dtype": str(amp.dtype).replace("torch.", "") if amp.enabled else None,
+           "grad_scaler": amp.scaler.is_enabled(), "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    if a.compile:
+        out["compile_fell_back"] = bool(compile_warnings)
+        try:
+            from torch._dynamo.utils import counters
+            out["compile_unique_graphs"] = int(counters["stats"]["unique_graphs"])
+            out["compile_graph_breaks"] = int(sum(counters["graph_break"].values()))
+        except (ImportError, KeyError, TypeError):
+            pass
+    return out
+
+
 def bench_engines(a):
     import contextlib
     from util.speed import tune_allocator
@@ -289,7 +367,8 @@ def bench_engines(a):
     t0 = time.perf_counter()
     contenders, device, model = build_contenders(a)
     mem = PeakMemory(device)
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # the engines' lines
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+            _StderrWatch("warning: --compile:") as compile_warnings:  # the engines' lines
         for c in contenders:  # each one's very first step, alone
             c.run_first(device)
         for c in contenders:  # a whole warm-up call (allocator, autotuning, shapes), untimed
@@ -298,6 +377,7 @@ def bench_engines(a):
             for c in contenders:
                 c.run(device, mem)
     elapsed = time.perf_counter() - t0
+    prof = profile_call(contenders[0].fn, device, a.profile) if a.profile else {}  # fine-tuning
     macs = forward_macs(model, a.input_size, device, a.channels_last)
     out = {f"{c.name}_img_per_s": round(c.img_per_s(), 2) for c in contenders}
     out.update({f"{c.name}_page_faults_per_step": int(statistics.median(c.faults) / a.steps) for c in contenders})
@@ -326,6 +406,7 @@ def bench_engines(a):
                compile=a.compile, use_amp=a.use_amp, malloc_tuned=tuned, device=str(device),
                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                threads=torch.get_num_threads(), torch=torch.__version__)
+    out.update(_settings(a, device, compile_warnings), **prof)
     return out
 
 
@@ -461,11 +542,17 @@ def main():
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="step memory and time of our fine-tuning and FCMAE steps with and without it instead")
+    p.add_argument("--out", metavar="FILE", help="also write the JSON object to FILE")
+    p.add_argument("--profile", metavar="FILE", help="after the timed rounds, profile one more fine-tuning call "
+                   "(torch.profiler): the top-kernels table to FILE, a summary (GRN, LayerNorm shares) in the JSON")
     a = p.parse_args()
     if a.grad_checkpointing:
         out = bench_checkpointing(a)
     else:
         out = bench_data(a) if a.data_pipeline else bench_startup(a) if a.startup else bench_engines(a)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
     if a.json:
         print(json.dumps(out))
     else:
