@@ -16,6 +16,7 @@ from util.data.synthetic import SyntheticKind, SyntheticShapes
 from util.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD,
                                   build_pretrain_transform, build_transform, mean_std,
                                   posterize_zero_bits_safe)
+from util.data.wds import ShardKind
 from util.errors import UserError
 
 KINDS = {
@@ -24,6 +25,7 @@ KINDS = {
     "IMNET": ImageFolderKind("IMNET"),
     "CIFAR": CifarKind(),
     "csv": CsvKind(),
+    "wds": ShardKind(),
 }
 DATA_SETS = tuple(KINDS)
 

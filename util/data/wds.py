@@ -1,0 +1,223 @@
+"""--data_set wds: tar shards in the WebDataset layout, `--data_path OUT` as written by
+`python -m util.make_shards SRC OUT`: `OUT/train-000000.tar`, ..., `OUT/val-000000.tar`, ...
+(or the val shards in --eval_data_path) and `OUT/classes.json` (the class names, in label order).
+A sample is the members sharing a key: `<key>.jpg` (or .png, .webp, ...) and `<key>.cls` (the
+class index as text).
+
+The reader is an index over plain tar files (Python's tarfile, no dependency): at start each
+shard's headers are read once and every sample's image is located by its byte offset, so a
+sample is one `os.pread` from an open shard. That random access makes a shard folder an ordinary
+map-style dataset: the suite's TrainSampler shuffles it per epoch by seed, splits it over ranks
+(and the DataLoader over workers), each sample once per epoch, and resumes exactly mid-epoch,
+as with an image folder; evaluation counts every validation sample once (EvalSampler). A
+streaming reader (webdataset) shuffles only within a buffer and cannot resume mid-epoch
+exactly; wids would add a dependency and its own index files for what tarfile gives here.
+An image that does not decode is counted and replaced like a bad image (util/data/bad_images.py).
+"""
+import glob
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from util.data.bad_images import ReplacesUnreadable
+from util.data.base import DataKind, needs_val, readable_dir
+from util.errors import UserError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
+SPLITS = {"train": "train-*.tar", "val": "val-*.tar"}
+MAKE = "python -m util.make_shards SRC OUT"
+MAX_OPEN = 256  # open shards kept per process (least recently used closed first)
+
+
+def shard_paths(folder, split):
+    return sorted(glob.glob(os.path.join(folder, SPLITS[split])))
+
+
+def read_classes(folder):
+    path = os.path.join(folder, "classes.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            classes = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--data_path {folder} has no classes.json (the class names in label order); "
+                        f"write the shards with {MAKE}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read as JSON ({e}); write it again with {MAKE}") from None
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise UserError(f"{path} must be a JSON list of class names (label order); write it again with {MAKE}")
+    return classes
+
+
+def _split_name(member):
+    """(key, extension) of a member: the key is the path up to the first dot of its file name."""
+    folder, name = os.path.split(member)
+    stem, _, ext = name.partition(".")
+    return os.path.join(folder, stem), ext.lower()
+
+
+def _label(tar, member, where):
+    try:
+        return int(tar.extractfile(member).read().decode("ascii").strip())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{where}.cls is not a class index; each <key>.cls holds the label as text, "
+                        "e.g. 3") from None
+
+
+def scan_shard(path, n_classes, first_only=False):
+    """[(key, data offset, size, label)] of one shard's samples; a sample without a label, or
+    a label that is not a class of classes.json, is refused."""
+    images, labels = {}, {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, ext = _split_name(m.name)
+                if ext in IMAGE_EXTS:
+                    images[key] = (m.offset_data, m.size)
+                elif ext == "cls":
+                    labels[key] = _label(tar, m, f"{path}: {key}")
+                if first_only and images.keys() & labels.keys():
+                    break
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UserError(f"shard {path} is not a readable tar file ({type(e).__name__}: {e}); "
+                        f"write it again with {MAKE}") from None
+    return _pair(path, images, labels, n_classes, first_only)
+
+
+def _pair(path, images, labels, n_classes, first_only):
+    out = []
+    for key, (offset, size) in images.items():
+        if key not in labels:
+            if first_only:
+                continue
+            raise UserError(f"shard {path}: sample {key} has no label ({key}.cls); every sample needs "
+                            f"<key>.cls with its class index; write the shards again with {MAKE}")
+        if not 0 <= labels[key] < n_classes:
+            raise UserError(f"shard {path}: sample {key} has label {labels[key]}, but classes.json lists "
+                            f"{n_classes} classes (labels 0 to {n_classes - 1}); the shards and classes.json "
+                            f"do not belong together: write them again with {MAKE}")
+        out.append((key, offset, size, labels[key]))
+        if first_only:
+            break
+    if not out and not first_only:
+        raise UserError(f"shard {path} holds no image samples (<key>.jpg/.png and <key>.cls); "
+                        f"write it again with {MAKE}")
+    return out
+
+
+class ShardSamples(ReplacesUnreadable, Dataset):
+    """The samples of one split's shards, read by offset; `classes` and `targets` as an ImageFolder's."""
+
+    def __init__(self, paths, classes, transform=None):
+        self.paths, self.classes, self.transform = list(paths), list(classes), transform
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        rows = [(s, *r) for s, p in enumerate(self.paths) for r in scan_shard(p, len(self.classes))]
+        self.keys = [r[1] for r in rows]
+        self.where = np.array([(r[0], r[2], r[3]) for r in rows], dtype=np.int64).reshape(-1, 3)
+        self.targets = [r[4] for r in rows]
+        self.samples = _Samples(self)
+        self._files, self._pid = {}, None
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getstate__(self):  # workers started by spawn open their own files
+        return {**self.__dict__, "_files": {}, "_pid": None}
+
+    def name(self, i):
+        return f"{self.paths[self.where[i, 0]]}:{self.keys[i]}"
+
+    def loader(self, ref):
+        """The image of sample `ref.index`, decoded now (a damaged one fails here)."""
+        shard, offset, size = (int(v) for v in self.where[ref.index])
+        data = os.pread(self._fd(shard), size, offset)
+        if len(data) != size:
+            raise OSError(f"short read ({len(data)} of {size} bytes)")
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+
+    def _fd(self, shard):
+        if self._pid != os.getpid():  # a forked worker: its own descriptors
+            self._files, self._pid = {}, os.getpid()
+        fd = self._files.pop(shard, None)
+        if fd is None:
+            if len(self._files) >= MAX_OPEN:
+                os.close(self._files.pop(next(iter(self._files))))
+            fd = os.open(self.paths[shard], os.O_RDONLY)
+        self._files[shard] = fd  # the most recently used last
+        return fd
+
+
+class SampleRef:
+    """One sample as ReplacesUnreadable sees it: its name (`shard.tar:key`) in logs."""
+    __slots__ = ("index", "dataset")
+
+    def __init__(self, index, dataset):
+        self.index, self.dataset = index, dataset
+
+    def __str__(self):
+        return self.dataset.name(self.index)
+
+
+class _Samples:
+    """(SampleRef, target) pairs, made on demand (no list of a million tuples)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds.targets)
+
+    def __getitem__(self, i):
+        return SampleRef(i, self.ds), self.ds.targets[i]
+
+
+class ShardKind(DataKind):
+    name = "wds"
+    data_path_help = f"a folder of train-*.tar / val-*.tar shards and classes.json ({MAKE})"
+
+    def build(self, is_train, args, transform):
+        self.require_data_path(args)
+        classes = read_classes(args.data_path)
+        ds = ShardSamples(self._paths(args, is_train), classes, transform)
+        if is_train:
+            missing = sorted(set(range(len(classes))) - set(ds.targets))
+            if missing:
+                shown = ", ".join(repr(classes[i]) for i in missing[:3]) + (", ..." if len(missing) > 3 else "")
+                raise UserError(f"classes.json lists {len(classes)} classes but the training shards hold no sample "
+                                f"of {len(missing)} of them ({shown}); the shards and classes.json do not belong "
+                                f"together: write them again with {MAKE}")
+        return ds, len(classes)
+
+    def num_classes(self, args):
+        self.require_data_path(args)
+        return len(read_classes(args.data_path))
+
+    def check(self, args):
+        """classes.json, the shards of each split the run reads, and the first sample of each
+        shard (its header, image and label; the full index is read at the job's start)."""
+        super().check(args)
+        n = len(read_classes(args.data_path))
+        for is_train in (True, False) if needs_val(args) else (True,):
+            for path in self._paths(args, is_train):
+                if not scan_shard(path, n, first_only=True):
+                    raise UserError(f"shard {path}: its first image has no label (<key>.cls); write the shards "
+                                    f"again with {MAKE}")
+
+    @staticmethod
+    def _paths(args, is_train):
+        folder = args.data_path if is_train else (getattr(args, "eval_data_path", None) or args.data_path)
+        readable_dir(folder, "--data_path" if folder == args.data_path else "--eval_data_path")
+        split = "train" if is_train else "val"
+        paths = shard_paths(folder, split)
+        if not paths:
+            fix = f"write them with {MAKE}" if is_train else "give --eval_data_path or --disable_eval True"
+            raise UserError(f"{folder} holds no {split} shards ({SPLITS[split]}); {fix}")
+        return paths
