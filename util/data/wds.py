@@ -144,7 +144,9 @@ class ShardSamples(ReplacesUnreadable, Dataset):
         return img.convert("RGB")
 
     def _fd(self, shard):
-        if self._pid != os.getpid():  # a forked worker: its own descriptors
+        if self._pid != os.getpid():  # a forked worker: its own descriptors (the inherited closed here)
+            for inherited in self._files.values():
+                os.close(inherited)
             self._files, self._pid = {}, os.getpid()
         fd = self._files.pop(shard, None)
         if fd is None:
