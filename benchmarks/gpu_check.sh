@@ -18,6 +18,8 @@
 # OUTDIR gets at most 7 files (the device tool brings back 8): summary.json (environment, each
 # stage's status and time, every benchmark's JSON), env.txt, test_cuda.log, test_cuda.xml,
 # bench.log, profile_tiny_eager.txt, profile_tiny_compiled.txt. The end of stdout is a summary.
+# Exit status: 0 every stage ran and passed, 1 one failed or timed out (or CUDA or a module is
+# missing), 3 one was skipped for lack of time, 2 a usage error.
 set -u -o pipefail
 
 usage() { sed -n '2,/^set -u/{/^#/s/^# \{0,1\}//p}' "$0"; exit 2; }
@@ -208,6 +210,7 @@ for s in $STAGES; do
     fi
     if [ "$s" = env ] && [ "$SMOKE" = 0 ] && ! grep -q '"cuda_available": true' "$TMP/env.json"; then
         echo "error: CUDA is not available here (see $OUT/env.txt); --cpu-smoke checks the script without a GPU" >&2
+        record cuda_available failed 1 0
         break
     fi
 done
@@ -242,5 +245,7 @@ for name, b in bench.items():
     if "profile_top" in b:
         print(f"  {name} top kernels: " + "; ".join(f"{k[:60]} {share:.1%}" for k, _, share in b["profile_top"][:5]))
 PYEOF
+# exit status: 1 a stage failed or timed out, 3 a stage was skipped for lack of time, else 0
 grep -q '"status": "\(failed\|timeout\)"' "$TMP/stages.jsonl" 2>/dev/null && exit 1
+grep -q '"status": "skipped_no_time"' "$TMP/stages.jsonl" 2>/dev/null && exit 3
 exit 0
