@@ -6,8 +6,10 @@ would run code on loading runs nothing). An internal fault keeps its traceback (
 The launches run in processes forked from a server with the imports done (tests/forkrun.py);
 a few rows also run through a fresh interpreter to show the same line there.
 """
+import argparse
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -133,9 +135,11 @@ ROWS = [
     ("pretrain_config_python_tag", "main_pretrain.py", ["--config", "{d}/python_tag.yaml"], "Python tags"),
     ("config_missing", "main_finetune.py", ["--config", "{d}/nope.yaml"], "config file not found"),
     ("mask_ratio_out_of_range", "main_pretrain.py", ["--mask_ratio", "1.0"], "--mask_ratio 1.0 must be in (0, 1)"),
-    ("input_size_not_multiple_of_32", "main_pretrain.py", ["--input_size", "48"], "multiple of 32"),
+    ("input_size_not_multiple_of_32", "main_pretrain.py", ["--input_size", "48"],
+     "--input_size 48 must be a multiple of 32 (the encoder's stride), e.g. 96"),
     ("mask_keeps_no_patch", "main_pretrain.py", ["--input_size", "32"],
-     "--input_size 32 has 1 patch(es) of 32 px and --mask_ratio 0.6 keeps none of them"),
+     "--input_size 32 has 1 patch(es) of 32 px and --mask_ratio 0.6 keeps none of them; use a larger "
+     "--input_size (e.g. 96) or a lower --mask_ratio"),
     ("input_size_too_small", "main_finetune.py", ["--input_size", "8"], "--input_size 8 must be >= 16"),
     ("drop_path_out_of_range", "main_finetune.py", ["--drop_path", "1.5"], "--drop_path 1.5 must be in [0, 1)"),
     ("update_freq_zero", "main_finetune.py", ["--update_freq", "0"], "--update_freq 0 must be >= 1"),
@@ -289,6 +293,18 @@ def test_range_rows_cover_every_check():
         failing, keys, _args = _failing_checks(script, [])
         assert not failing, "the common flags of the rows must pass every check"
         assert keys - covered[kind] == set(), script
+
+
+@pytest.mark.parametrize("size,ratio", [(50, 0.6), (48, 0.6), (32, 0.6), (33, 0.1), (100, 0.6), (250, 0.95)])
+def test_pretrain_input_size_suggestion_works(size, ratio):
+    """The size an input-size error suggests passes both checks and keeps at least 2 patches."""
+    from util import flag_checks as fc
+    args = argparse.Namespace(input_size=size, mask_ratio=ratio)
+    msg = fc.multiple_of_32(args) or fc.mask_keeps_a_patch(args)
+    suggested = int(re.search(r"e\.g\. (\d+)", msg).group(1))
+    ok = argparse.Namespace(input_size=suggested, mask_ratio=ratio)
+    assert fc.multiple_of_32(ok) is None and fc.mask_keeps_a_patch(ok) is None, msg
+    assert int((suggested // 32) ** 2 * (1 - ratio)) >= 2, msg
 
 
 def test_train_transform_is_built_in_validation(monkeypatch):

@@ -83,22 +83,39 @@ class Rule:
         return self.fn(args)
 
 
+def _kept_patches(size, mask_ratio):
+    """32-px patches an image of `size` keeps under `mask_ratio` (as models/fcmae.py counts them)."""
+    return int((size // 32) ** 2 * (1 - mask_ratio))
+
+
+def working_size(size, mask_ratio):
+    """The multiple of 32 nearest `size` (the larger on a tie) whose images keep at least 2
+    patches under `mask_ratio`, else the next larger one that does: a size to suggest. A ratio
+    outside (0, 1), which its own check refuses, counts as the default 0.6."""
+    ratio = mask_ratio if isinstance(mask_ratio, (int, float)) and 0 < mask_ratio < 1 else 0.6
+    s = max(32, (size + 16) // 32 * 32)
+    while _kept_patches(s, ratio) < 2:
+        s += 32
+    return s
+
+
 def multiple_of_32(args):
     """a multiple of 32, at least 32 (the encoder's stride)"""
     s = args.input_size
     if s % 32 == 0 and s >= 32:
         return None
     return (f"--input_size {s} must be a multiple of 32 (the encoder's stride), e.g. "
-            f"{max(32, s // 32 * 32)}")
+            f"{working_size(s, getattr(args, 'mask_ratio', 0.6))}")
 
 
 def mask_keeps_a_patch(args):
     """keeps at least one 32-px patch of --input_size"""
     patches = (args.input_size // 32) ** 2
-    if int(patches * (1 - args.mask_ratio)) >= 1:
+    if _kept_patches(args.input_size, args.mask_ratio) >= 1:
         return None
     return (f"--input_size {args.input_size} has {patches} patch(es) of 32 px and --mask_ratio "
-            f"{args.mask_ratio} keeps none of them; use a larger --input_size (e.g. 64) or a lower --mask_ratio")
+            f"{args.mask_ratio} keeps none of them; use a larger --input_size (e.g. "
+            f"{working_size(args.input_size, args.mask_ratio)}) or a lower --mask_ratio")
 
 
 def start_epoch(args):
