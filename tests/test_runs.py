@@ -339,6 +339,21 @@ def test_cli_errors(three_runs, tmp_path):
     assert rc == 2 and err.startswith("error: no such directory")
 
 
+@pytest.mark.parametrize("argv", [["show", "convnextv2_tiny", "--root"], []])
+def test_cli_output_cut_off_ends_quietly(three_runs, argv):
+    """`python -m util.runs [show RUN] | head`: the reader gone (here before the first write),
+    the listing stops without a BrokenPipeError traceback."""
+    root, _ = three_runs
+    read, write = os.pipe()
+    os.close(read)  # every write of the child meets a closed pipe
+    try:
+        p = subprocess.run([sys.executable, "-m", "util.runs", *argv, root], cwd=REPO, stdout=write,
+                           stderr=subprocess.PIPE, text=True, timeout=60, env={**os.environ, "PYTHONPATH": REPO})
+    finally:
+        os.close(write)
+    assert p.returncode == 1 and p.stderr == "", p.stderr
+
+
 def test_writes_that_fail_end_in_one_line(tmp_path):
     """run.json, config.yaml and log.txt that cannot be written (a full disk, a folder in the
     way) are user errors with the path and the fix, not tracebacks."""

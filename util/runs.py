@@ -494,6 +494,24 @@ def show_run(spec, root, out=sys.stdout):
         print(f"\n# no {CONFIG} in {run_dir}", file=out)
 
 
+def quiet_on_broken_pipe(fn):
+    """A listing piped into `head` ends quietly when the reader stops reading: no BrokenPipeError
+    traceback (nor one at exit, when Python flushes stdout); the exit status is 1, the output
+    having been cut off (the recipe of Python's signal docs)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            out = fn(*args, **kwargs)
+            sys.stdout.flush()  # a broken pipe shows here, not at interpreter exit
+            return out
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush at exit
+            sys.exit(1)
+    return wrapper
+
+
+@quiet_on_broken_pipe
 @exit_on_user_error
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
