@@ -6,6 +6,7 @@ before any trial."""
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 
@@ -386,6 +387,26 @@ def test_sampler_seeding_and_study_conflicts(tmp_path):
         hpo.open_study(args, flipped, sdir, "finetune")
     with open(os.path.join(sdir, "journal.log")) as f:
         assert all(json.loads(line) for line in f)
+
+
+def test_sampler_and_pruner_by_name_or_dotted_path():
+    """`optuna.samplers.TPESampler` is the class `TPESampler` names, seeded the same way."""
+    import types
+    from util.hpo.samplers import make_pruner, make_sampler
+
+    def spec(sampler, pruner="NopPruner"):
+        return types.SimpleNamespace(path="s.yaml", seed=1, sampler=(sampler, {}), pruner=(pruner, {}), params={})
+    for name in ("TPESampler", "optuna.samplers.TPESampler"):
+        s = make_sampler(spec(name), 3)
+        assert type(s) is optuna.samplers.TPESampler
+        assert s._rng.rng.randint(1 << 30) == optuna.samplers.TPESampler(seed=4)._rng.rng.randint(1 << 30)
+    assert type(make_pruner(spec("RandomSampler", "optuna.pruners.MedianPruner"))) is optuna.pruners.MedianPruner
+    for name, message in (("optuna.samplers.TPESamplr", "unknown optuna.samplers class 'TPESamplr'; choose one of"),
+                          ("optuna.pruners.MedianPruner", "'optuna.pruners.MedianPruner' is no optuna.samplers class (a "
+                                                          "subclass of BaseSampler); choose one of"),
+                          ("no_such_module.MySampler", "cannot import 'no_such_module' for 'no_such_module.MySampler'")):
+        with pytest.raises(hpo.UserError, match=re.escape(message)):
+            make_sampler(spec(name))
 
 
 @pytest.mark.slurm

@@ -1,5 +1,7 @@
 """The Optuna sampler and pruner a search file names (`sampler:` / `pruner:`), built and
-seeded; an unknown class or a bad argument is one line."""
+seeded (a class by its name in optuna.samplers / optuna.pruners, or by its dotted path); an
+unknown class or a bad argument is one line."""
+import importlib
 import inspect
 
 from util.errors import UserError
@@ -31,12 +33,29 @@ def class_spec(value, where, default):
 
 
 def _optuna_class(module, base, name, where):
-    cls = getattr(module, name, None)
+    """The class `name` names: a class of `module` (optuna.samplers, optuna.pruners) by its name, or
+    any importable class by its dotted path (`optuna.samplers.TPESampler`, `mypkg.MySampler`)."""
+    owner, _, short = name.rpartition(".")
+    if owner:
+        try:
+            found = importlib.import_module(owner)
+        except ImportError as e:
+            raise UserError(f"{where}: cannot import {owner!r} for {name!r} ({e}); write a class of "
+                            f"{module.__name__} by its name, e.g. {_names(module, base)[0]}") from None
+    else:
+        found = module
+    cls = getattr(found, short, None)
     if not (inspect.isclass(cls) and issubclass(cls, base)):
-        names = sorted(n for n in dir(module) if inspect.isclass(getattr(module, n))
-                       and issubclass(getattr(module, n), base) and not n.startswith("Base"))
-        raise UserError(f"{where}: unknown {module.__name__} class {name!r}; choose one of {', '.join(names)}")
+        what = f"unknown {module.__name__} class {short!r}" if found is module else \
+            f"{name!r} is no {module.__name__} class (a subclass of {base.__name__})"
+        raise UserError(f"{where}: {what}; choose one of {', '.join(_names(module, base))} (by name, "
+                        f"or by dotted path: {module.__name__}.<name>)")
     return cls
+
+
+def _names(module, base):
+    return sorted(n for n in dir(module) if inspect.isclass(getattr(module, n))
+                  and issubclass(getattr(module, n), base) and not n.startswith("Base"))
 
 
 def make_sampler(spec, trial_number=0):
@@ -46,9 +65,10 @@ def make_sampler(spec, trial_number=0):
     cls = _optuna_class(optuna.samplers, optuna.samplers.BaseSampler, name, f"{spec.path}: sampler")
     kwargs = dict(kwargs)
     accepts = inspect.signature(cls).parameters
+    reseeded = cls in tuple(getattr(optuna.samplers, n) for n in RESEEDED_PER_TRIAL)
     if spec.seed is not None and "seed" in accepts and "seed" not in kwargs:
-        kwargs["seed"] = spec.seed + (trial_number if name in RESEEDED_PER_TRIAL else 0)
-    if name == "GridSampler" and "search_space" not in kwargs:
+        kwargs["seed"] = spec.seed + (trial_number if reseeded else 0)
+    if cls is optuna.samplers.GridSampler and "search_space" not in kwargs:
         kwargs["search_space"] = _grid(spec)
     try:
         return cls(**kwargs)
