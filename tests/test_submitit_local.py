@@ -183,7 +183,9 @@ def test_run_dir_resolved_before_submission(tmp_path):
 def test_sbatch_settings():
     p = sl.slurm_parameters(parse("--nodes", "2", "--ngpus", "4", "--timeout", "30"), "x")
     assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"], p["time"], p["mem"]) == (2, 4, 4, 30, "160GB")
-    assert p["cpus_per_task"] == 10 and p["signal_delay_s"] == 120
+    assert p["cpus_per_task"] == 11 and p["signal_delay_s"] == 120  # --num_workers 10 + the training process
+    assert sl.slurm_parameters(parse("--num_workers", "3"), "x")["cpus_per_task"] == 4
+    assert sl.slurm_parameters(parse("--num_workers", "3", "--cpus_per_task", "2"), "x")["cpus_per_task"] == 2
     p = sl.slurm_parameters(parse("--ngpus", "2", "--gpus_per_node", "0", "--mem_gb", "1.5",
                                   "--constraint", "a100", "--use_volta32", "--slurm_extra", "mail-type=END",
                                   "--account", "acc", "--qos", "high", "--exclude", "n3"), "x")
@@ -243,6 +245,9 @@ def test_partition_limits_from_what_slurm_says(monkeypatch):
     assert "allows at most 8 node(s)" in problem("--nodes", "9")
     assert "MaxTime 3-00:00:00 (4320 min)" in problem("--nodes", "1", "--timeout", "4321")
     assert "have 96" in problem("--nodes", "1", "--ngpus", "10")
+    assert "9 task(s) per node x 11 CPUs per task (--num_workers 10 + 1) = 99 CPUs per node" in \
+        problem("--nodes", "1", "--ngpus", "9")
+    assert problem("--nodes", "1", "--ngpus", "9", "--num_workers", "9") is None  # 9 x 10 fits in 96
     assert "has no GPUs" in problem("--partition", "cpu", "--nodes", "1", "--ngpus", "2", "--gpus_per_node", "2")
     cpu_default = parse("--partition", "cpu", "--nodes", "1", "--ngpus", "2", "--mem_gb", "60")
     sl.check_partition(cpu_default)  # no --gpus_per_node on a CPU partition: ask for none

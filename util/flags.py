@@ -255,7 +255,8 @@ TABLE = (
     _flag("partition", "", str, "partition; empty: the cluster's default", **_sl),
     _flag("use_volta32", False, None, "add the constraint volta32gb", action="store_true", **_sl),
     _flag("comment", "", str, "comment shown by squeue", **_sl),
-    _flag("cpus_per_task", 10, int, "CPUs per task", checks=(R(1, message="--cpus_per_task must be >= 1"),),
+    _flag("cpus_per_task", None, int, "CPUs per task (default: --num_workers + 1, the loader workers and the "
+                                      "training process)", checks=(R(1, message="--cpus_per_task must be >= 1"),),
           **_sl),
     _flag("mem_gb", None, float, "memory per node in GB (default 40 * ngpus)",
           checks=(R(0, low_open=True, message="--mem_gb must be > 0"),), **_sl),

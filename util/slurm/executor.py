@@ -12,7 +12,7 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from util.atomic import remove_empty_dirs
 from util.errors import UserError
-from util.slurm.flags import gpus_per_node, mem_gb_per_node, parse_extra
+from util.slurm.flags import cpus_per_task, gpus_per_node, mem_gb_per_node, parse_extra
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAX_NUM_TIMEOUT = 30             # requeues after a timeout or preemption (the original's value)
@@ -32,7 +32,7 @@ def slurm_parameters(args, name):
     constraint = "&".join(c for c in ("volta32gb" if args.use_volta32 else "", args.constraint) if c)
     params = {
         "job_name": name, "time": args.timeout, "nodes": args.nodes, "ntasks_per_node": args.ngpus,
-        "cpus_per_task": args.cpus_per_task, "mem": _mem(mem_gb_per_node(args)),
+        "cpus_per_task": cpus_per_task(args), "mem": _mem(mem_gb_per_node(args)),
         "signal_delay_s": args.signal_delay_s,
         "setup": [_pythonpath_line()],
     }

@@ -68,5 +68,13 @@ def gpus_per_node(args):
     return args.ngpus if args.gpus_per_node < 0 else args.gpus_per_node
 
 
+def cpus_per_task(args):
+    """--cpus_per_task, or by default what a task runs: its --num_workers loader workers and the
+    training process itself."""
+    if args.cpus_per_task is not None:
+        return args.cpus_per_task
+    return max(0, args.num_workers) + 1
+
+
 def mem_gb_per_node(args):
     return args.mem_gb if args.mem_gb else 40 * args.ngpus

@@ -2,7 +2,7 @@
 (util/slurm/cli.py), so a job that could never start is refused now in one line."""
 from util.errors import UserError
 from util.slurm import cli
-from util.slurm.flags import gpus_per_node, mem_gb_per_node
+from util.slurm.flags import cpus_per_task, gpus_per_node, mem_gb_per_node
 
 
 def parse_minutes(text):
@@ -80,10 +80,13 @@ def _partition_problem(args, name, info, res):
     if gpus_per_node(args) > 0 and not has_gpus:
         return (f"partition {name} has no GPUs: pass --gpus_per_node 0 (then --ngpus is "
                 "the number of processes per node)")
-    need = args.ngpus * args.cpus_per_task
+    per_task = cpus_per_task(args)
+    need = args.ngpus * per_task
     if cpus and need > cpus:
-        return (f"{args.ngpus} task(s) per node x --cpus_per_task {args.cpus_per_task} = {need} "
-                f"CPUs per node, but the nodes of partition {name} have {cpus}; lower them")
+        given = f"--cpus_per_task {per_task}" if args.cpus_per_task is not None else \
+            f"{per_task} CPUs per task (--num_workers {args.num_workers} + 1)"
+        return (f"{args.ngpus} task(s) per node x {given} = {need} CPUs per node, but the nodes of "
+                f"partition {name} have {cpus}; lower them")
     mem_gb = mem_gb_per_node(args)
     if mem_mb and mem_gb * 1024 > mem_mb:
         return (f"--mem_gb {mem_gb:g} per node, but the nodes of partition {name} have "
