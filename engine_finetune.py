@@ -71,6 +71,15 @@ def load_finetune_weights(args, model):
             "finetune_from_model": src.get("model")}
 
 
+def note_head_init_scale(args):
+    """A run from scratch keeps the fine-tuning default --head_init_scale 0.001 (as the original
+    does); one line says what it is for and how to change it."""
+    if args.head_init_scale < 1:
+        info(f"note: --head_init_scale {args.head_init_scale:g} shrinks the new classifier's initial weights, "
+             "as meant for a start from pretrained weights (--finetune); training from scratch, pass "
+             "--head_init_scale 1.0 for a head initialised like the rest of the model")
+
+
 class FinetuneTask(Task):
     """Fine-tuning (and --eval): what differs from pretraining."""
     kind = "finetune"
@@ -92,7 +101,10 @@ class FinetuneTask(Task):
         return build_model(self.args, self.nb_classes)
 
     def prepare(self, model):
-        return load_finetune_weights(self.args, model) if self.args.finetune else {}
+        if self.args.finetune:
+            return load_finetune_weights(self.args, model)
+        note_head_init_scale(self.args)
+        return {}
 
     def make_ema(self, model):
         if not self.args.model_ema:

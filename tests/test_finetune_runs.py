@@ -121,3 +121,21 @@ def test_full_recipe_flags_train_and_the_ema_is_evaluated(tmp_path):
     assert stats["n"] == 30 and stats["n_ema"] == 30 and "Accuracy of the EMA model" in r.stdout
     best = max(log, key=lambda e: e["test_acc1_ema"])
     assert abs(stats["acc1_ema"] - best["test_acc1_ema"]) < 1e-6
+
+
+@pytest.mark.parametrize("scale,finetune,said", [(0.001, "", True), (1.0, "", False), (0.001, "w.pth", False)])
+def test_head_init_scale_below_1_from_scratch_says_what_it_is_for(capsys, monkeypatch, scale, finetune, said):
+    """A run from scratch with the fine-tuning default --head_init_scale 0.001 (kept, as in the
+    original) prints one line saying what it is for and how to change it; a start from
+    --finetune weights, or a scale of 1, says nothing."""
+    import argparse
+
+    import engine_finetune
+    monkeypatch.setattr(engine_finetune, "load_finetune_weights", lambda args, model: {})
+    task = engine_finetune.FinetuneTask.__new__(engine_finetune.FinetuneTask)
+    task.args = argparse.Namespace(head_init_scale=scale, finetune=finetune)
+    task.prepare(None)
+    out = capsys.readouterr().out.splitlines()
+    assert out == ([f"note: --head_init_scale {scale:g} shrinks the new classifier's initial weights, as meant "
+                    "for a start from pretrained weights (--finetune); training from scratch, pass "
+                    "--head_init_scale 1.0 for a head initialised like the rest of the model"] if said else [])
