@@ -204,3 +204,15 @@ def test_workers_read_each_sample_once_per_epoch(shards):
         loader.sampler.set_epoch(1)
         seen += [int(t) for _, y in loader for t in y]
     assert len(seen) == 128 and len(set(seen)) == 128  # 129 samples: the last partial global batch dropped
+
+
+def test_index_files_stand_for_the_headers_until_a_shard_changes(shards, tmp_path):
+    """make_shards' <shard>.idx.json gives what reading the headers gives; a shard written
+    again (new size or time) is read from its headers, not from the stale index."""
+    from util.data.wds import read_shard, scan_shard
+    out = _copy(shards, tmp_path)
+    for p in shard_paths(str(out), "train"):
+        assert os.path.exists(p + ".idx.json") and read_shard(p, 3) == scan_shard(p, 3)
+    shard = out / "train-000003.tar"
+    _rewrite(shard, label=2)
+    assert {lb for *_, lb in read_shard(str(shard), 3)} == {2}

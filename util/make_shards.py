@@ -4,8 +4,9 @@
 
 SRC holds `train/<class>/*` and, optionally, `val/<class>/*` (the same class folders). OUT gets
 `train-000000.tar`, ..., `val-000000.tar`, ... in the WebDataset layout (`<key>.jpg` or `.png`,
-the image file's own bytes, plus `<key>.cls`, the class index) and `classes.json` (the class
-names sorted, as an image folder's). Each split's samples are shuffled once (--seed) so a
+the image file's own bytes, plus `<key>.cls`, the class index), each with its index
+`<shard>.idx.json` (the samples' byte offsets), and `classes.json` (the class names sorted, as an
+image folder's). Each split's samples are shuffled once (--seed) so a
 shard mixes classes, which streaming readers need. Every shard is written atomically and
 classes.json last: a folder with classes.json is complete. Mistakes are one line, exit 2, with
 nothing written.
@@ -21,6 +22,7 @@ import tarfile
 import numpy as np
 
 from util.atomic import atomic_file, atomic_write_text
+from util.data.wds import scan_shard, write_index
 from util.errors import UserError, exit_on_user_error
 
 EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".ppm": "ppm", ".pgm": "pgm",
@@ -93,7 +95,9 @@ def make_shards(src, out, shard_size, seed=0):
         samples = [samples[i] for i in order]
         starts = range(0, len(samples), shard_size)
         for n, start in enumerate(starts):
-            write_shard(os.path.join(out, f"{split}-{n:06d}.tar"), samples[start:start + shard_size], start)
+            path = os.path.join(out, f"{split}-{n:06d}.tar")
+            write_shard(path, samples[start:start + shard_size], start)
+            write_index(path, scan_shard(path, len(classes)))
         made[split] = (len(starts), len(samples))
     atomic_write_text(os.path.join(out, "classes.json"), json.dumps(classes, indent=0) + "\n")
     return made
