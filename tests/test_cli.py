@@ -18,6 +18,19 @@ def test_help_works(script):
     assert "usage:" in p.stdout and "--batch_size" in p.stdout and "--device" in p.stdout
 
 
+@pytest.mark.parametrize("module", ["submitit_finetune", "submitit_pretrain"])
+def test_launcher_mistyped_flag_is_one_line(module, capsys):
+    """The Slurm launchers parse through util/config.parse_args too: a mistyped flag, theirs or
+    the main script's, is one line with the closest flags, exit 2."""
+    import importlib
+    launcher = importlib.import_module(module)
+    for argv, line in ((["--ngpu", "2"], "error: unknown flag --ngpu; did you mean --ngpus?"),
+                       (["--lrr", "1e-3"], "error: unknown flag --lrr; did you mean --lr?")):
+        with pytest.raises(SystemExit) as e:
+            launcher.main(argv)
+        assert e.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
+
+
 def test_original_finetune_command_line_parses_with_its_meaning():
     from main_finetune import get_args_parser
     a = parse_args(get_args_parser(), shlex.split(ORIGINAL_FINETUNE))

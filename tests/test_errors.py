@@ -371,6 +371,26 @@ def test_argparse_errors_exit_2_without_traceback(w, tmp_path):
     assert "error: argument --batch_size: invalid int value: 'abc'" in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("script,flags,line", [
+    ("main_finetune.py", ["--lrr", "1e-3"], "error: unknown flag --lrr; did you mean --lr?"),
+    ("main_pretrain.py", ["--mask-ratio=0.5"], "error: unknown flag --mask-ratio; did you mean --mask_ratio?"),
+    ("main_finetune.py", ["--config", "{tmp}/good.yaml", "--epochz", "3"],
+     "error: unknown flag --epochz; did you mean --epochs?"),
+    ("main_finetune.py", ["--zzzzzz", "3"], "error: unknown flag --zzzzzz; see --help for the flags"),
+    ("main_finetune.py", ["stray"], "error: unexpected argument 'stray': flags start with --, e.g. --epochs 10 "
+                                    "(see --help)"),
+])
+def test_mistyped_flag_is_one_line_with_the_closest_flags(w, tmp_path, script, flags, line):
+    """Not argparse's usage and "unrecognized arguments": one line naming the closest flags,
+    exit 2, nothing written (also with a --config file, whose keys are checked after the flags)."""
+    common = FT if script == "main_finetune.py" else PRE
+    (tmp_path / "good.yaml").write_text("epochs: 2\n")
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    r = forkrun.run(script, common + ["--output_dir", str(tmp_path / "new")] + flags, tmp_path)
+    assert one_line(r, "") == line
+    assert not (tmp_path / "new").exists()
+
+
 def test_fresh_interpreter_same_line(w):
     before = snapshot(w["base"])
     r = run("main_pretrain.py", PRE + ["--output_dir", str(w["base"]), "--config", str(w["d"] / "python_tag.yaml")],

@@ -222,12 +222,29 @@ def _parse_with(parser, argv, path):
                 saved.append((a, a.default, a.required))
                 a.default, a.required = values[dest], False  # the file may supply a required flag
     try:
-        args = parser.parse_args(argv, namespace=Namespace())
+        args, unknown = parser.parse_known_args(argv, namespace=Namespace())
     finally:
         for a, default, required in saved:
             a.default, a.required = default, required
+    if unknown:
+        raise UserError(unknown_flag_message(parser, unknown))
     args._flag_dests = frozenset(dest_actions(parser))
     return args
+
+
+def unknown_flag_message(parser, unknown):
+    """One line for what the parser did not take (instead of argparse's usage and
+    "unrecognized arguments"): the first unknown flag and the parser's closest flags."""
+    flag = next((u for u in unknown if u.startswith("-") and u.strip("-")), None)
+    if flag is None:
+        return f"unexpected argument {unknown[0]!r}: flags start with --, e.g. --epochs 10 (see --help)"
+    flag = flag.split("=", 1)[0]
+    options = {o.lstrip("-"): o for acts in dest_actions(parser).values() for a in acts for o in a.option_strings}
+    scored = sorted(((difflib.SequenceMatcher(None, flag.lstrip("-"), name).ratio(), o)
+                     for name, o in options.items()), reverse=True)
+    close = [o for r, o in scored if r >= 0.6 and r >= scored[0][0] - 0.1][:3] if scored else []
+    hint = f"did you mean {', '.join(close)}?" if close else "see --help for the flags"
+    return f"unknown flag {flag}; {hint}"
 
 
 def _plain(v):
