@@ -10,10 +10,16 @@ from util.errors import UserError
 
 class StepMeter:
     """Running averages of named scalars, one timm AverageMeter each, in the order first seen;
-    values are Python floats read only on logging steps."""
+    values are Python floats read only on logging steps. A scalar summed on the device at every
+    step (the loss) gets its average over all the steps so far with `set_average`, so the console
+    shows the average that log.txt records for the epoch."""
 
     def __init__(self):
         self.meters = {}
+        self.exact = {}  # name -> average over every step so far (not only the logged ones)
+
+    def set_average(self, k, avg):
+        self.exact[k] = avg
 
     def update(self, n=1, **values):
         from timm.utils import AverageMeter  # timm's import is slow; this module is not
@@ -25,10 +31,12 @@ class StepMeter:
         return {k: m.val for k, m in self.meters.items()}
 
     def avg(self, k):
+        if k in self.exact:
+            return self.exact[k]
         return self.meters[k].avg if k in self.meters else 0.0
 
     def averages(self):
-        return {k: m.avg for k, m in self.meters.items()}
+        return {k: self.avg(k) for k in self.meters}
 
 
 def progress_line(header, step, total, start_time, step_in_run, meter, img_per_s):

@@ -201,6 +201,7 @@ def _log_line(st, tally, out, optimizer, device, header, step, total, epoch):
         vals["grad_norm"] = float(out.grad_norm)
     vals.update({k: float(v) for k, v in (out.extras or {}).items()})
     tally.meter.update(**vals)
+    tally.meter.set_average("loss", float(tally.loss_sum) / max(tally.n_steps, 1))  # the steps log.txt averages
     info(progress_line(header, step + 1, total, tally.t0, tally.n_steps, tally.meter, ips))
     if st.tb is not None:
         gstep = epoch * st.updates_per_epoch + (step + 1) // st.update_freq
