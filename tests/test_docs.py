@@ -20,7 +20,8 @@ def test_errors_md_table_of_checks_is_the_flag_tables():
 
 def test_every_flag_has_help_and_a_known_role():
     for f in flags.TABLE:
-        assert f.help.strip(), f"--{f.name} has no help text"
+        for kind in f.scripts:
+            assert f.help_for(kind).strip(), f"--{f.name} has no help text in {kind}"
         assert f.role in (flags.OUTCOME, flags.SETTING, flags.LAUNCH, flags.LAUNCHER), f.name
         assert set(f.scripts) <= set(flags.SCRIPTS) and f.scripts, f.name
 
@@ -30,3 +31,46 @@ def test_help_lists_every_flag_of_the_script():
         text = flags.build_parser(kind, "x").format_help()
         for f in flags.flags_of(kind):
             assert f"--{f.name}" in text, (kind, f.name)
+
+
+ENTRY_POINTS = (("main_finetune", "finetune"), ("main_pretrain", "pretrain"),
+                ("submitit_finetune", "finetune"), ("submitit_pretrain", "pretrain"))
+
+
+def _parser(module):
+    import importlib
+    return importlib.import_module(module).get_args_parser()
+
+
+def _help_text(module):
+    return " ".join(_parser(module).format_help().split())  # argparse wraps at the terminal's width
+
+
+def test_help_shows_defaults_names_the_script_and_explains_true_false_once():
+    """--help of every entry point: its own name in the usage line, each flag with a help text
+    and its default in that script, BOOL explained once."""
+    from util.config import dest_actions
+    for module, kind in ENTRY_POINTS:
+        parser = _parser(module)
+        text = " ".join(parser.format_help().split())
+        assert text.startswith(f"usage: {module}.py "), (module, text[:80])
+        assert text.count("BOOL: True or False") == 1, module
+        actions = dest_actions(parser)
+        kinds = (kind, flags.SLURM) if module.startswith("submitit_") else (kind,)
+        for f in [f for k in kinds for f in flags.flags_of(k)]:
+            for a in actions[f.name]:
+                assert a.help and "default" in a.help.lower(), (module, f.name, a.help)
+                assert a.metavar == "BOOL" if f.type is flags.str2bool else True, (module, f.name)
+    assert "epochs to train (default: 100)" in _help_text("main_finetune")
+    assert "epochs to train (default: 800)" in _help_text("main_pretrain")
+    assert "--force start a fresh run even if this one exists or completed (default: off)" in _help_text("main_finetune")
+    assert "--use_amp BOOL autocast" in _help_text("main_finetune")
+    assert "CPUs per task (default: --num_workers + 1" in _help_text("submitit_finetune")
+
+
+def test_help_is_true_per_script():
+    """main_pretrain.py --help does not offer what pretraining refuses (any timm model)."""
+    ft, pt = _help_text("main_finetune"), _help_text("main_pretrain")
+    assert "or any timm model" in ft and "or any timm model" not in pt
+    assert "FCMAE pretrains our ConvNeXt V2 encoders only" in pt
+    assert "not used by pretraining" in pt and "not used by pretraining" not in ft

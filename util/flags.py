@@ -73,6 +73,10 @@ class Flag:
     def default_for(self, kind):
         return getattr(self.default, kind, None) if isinstance(self.default, PerScript) else self.default
 
+    def help_for(self, kind):
+        """The help text in script `kind` (a PerScript help: the flag means more in one script)."""
+        return getattr(self.help, kind, None) if isinstance(self.help, PerScript) else self.help
+
 
 def _flag(name, default=None, type=None, help="", **kw):
     return Flag(name, default, type, help, **kw)
@@ -89,8 +93,10 @@ TABLE = (
           checks=(R(1),)),
     _flag("epochs", PerScript(100, 800), int, "epochs to train", checks=(R(1),)),
     _flag("update_freq", 1, int, "gradient accumulation steps per optimizer update", checks=(R(1),)),
-    _flag("model", "convnextv2_base", str, "model name: convnextv2_atto ... convnextv2_huge, or any timm model "
-                                           "(fine-tuning)"),
+    _flag("model", "convnextv2_base", str, PerScript(
+        "model name: convnextv2_atto ... convnextv2_huge, or any timm model",
+        "the ConvNeXt V2 encoder to pretrain: convnextv2_atto ... convnextv2_huge (FCMAE pretrains our "
+        "ConvNeXt V2 encoders only)")),
     _flag("input_size", 224, int, "image input size (pixels)",
           checks=(R(16, kinds=(FT,)), Rule(fc.multiple_of_32, kinds=(PT,)))),
     _flag("weight_decay", 0.05, float, "weight decay (AdamW)", checks=(R(0),)),
@@ -108,13 +114,17 @@ TABLE = (
                                 "CIFAR) or the training CSV (csv)"),
     _flag("data_set", "IMNET", str, "the kind of dataset: {data_sets} (synthetic is built in)"),
     _flag("imagenet_default_mean_and_std", True, str2bool, "normalise with ImageNet's mean and std (False: 0.5)"),
-    _flag("crop_pct", None, float, "evaluation centre-crop fraction (default 224/256 below 384 px)",
+    _flag("crop_pct", None, float, PerScript("evaluation centre-crop fraction (default 224/256 below 384 px)",
+                                             "evaluation centre-crop fraction; not used by pretraining, which "
+                                             "does not evaluate (default: none)"),
           checks=(R(0, 1, low_open=True),)),
     _flag("num_workers", 10, int, "data loading worker processes per rank", role=SETTING, checks=(R(0),)),
     _flag("pin_mem", True, str2bool, "pin host memory of batches (faster copies to the GPU)", role=SETTING),
     _flag("synthetic_train_samples", 5000, int, "built-in dataset: training images",
           checks=(R(1, message="--synthetic_train_samples and --synthetic_val_samples must be >= 1"),)),
-    _flag("synthetic_val_samples", 1000, int, "built-in dataset: validation images",
+    _flag("synthetic_val_samples", 1000, int, PerScript("built-in dataset: validation images",
+                                                        "built-in dataset: validation images (not used by "
+                                                        "pretraining, which does not evaluate)"),
           checks=(R(1, message="--synthetic_train_samples and --synthetic_val_samples must be >= 1"),)),
     _flag("synthetic_classes", 10, int, "built-in dataset: classes (2-10)",
           checks=(R(2, 10, text="between 2 and 10"),)),
@@ -337,10 +347,11 @@ def canonical(v):
 
 
 def add_flags(parser, kind, group=None):
-    """Add the flags of `kind` to an argparse parser (or to `group` of it). Returns the parser."""
+    """Add the flags of `kind` to an argparse parser (or to `group` of it), each help text ending
+    with the flag's default in this script. Returns the parser."""
     add = (group or parser).add_argument
     for f in flags_of(kind):
-        kw = dict(default=f.default_for(kind), help=_help(f))
+        kw = dict(default=f.default_for(kind), help=_help(f, kind))
         if f.action:
             kw["action"] = f.action
         if f.type is not None and f.action != "store_true":
@@ -349,21 +360,45 @@ def add_flags(parser, kind, group=None):
             if getattr(f, key) is not None:
                 kw[key] = getattr(f, key)
         if f.parse_choices:
+        if f.type is str2bool and f.metavar is None:
+            kw["metavar"] = "BOOL"  # explained once, in the epilog (BOOL_HELP)
             kw["choices"] = f.choices
         add(f"--{f.name}", *f.aliases, **kw)
     return parser
 
 
-def _help(flag):
-    if "{data_sets}" not in flag.help:
-        return flag.help or None
-    from util.data import DATA_SETS  # the dataset registry names the kinds
-    return flag.help.format(data_sets=" | ".join(DATA_SETS))
+BOOL_HELP = ("BOOL: True or False (also 1/0, yes/no, on/off), as in the original scripts, e.g. --model_ema "
+             "True; [BOOL]: the flag alone means True. Flags without a value (--force) are off unless given. "
+             "Any flag can also come from a YAML --config FILE (the command line wins). Every flag, its "
+             "default and its checks: util/flags.py; what each mistake says: docs/errors.md.")
 
 
-def build_parser(kind, description):
-    """The parser of main_finetune.py or main_pretrain.py."""
-    parser = argparse.ArgumentParser(description, allow_abbrev=False)
+def _help(flag, kind):
+    text = flag.help_for(kind)
+    if "{data_sets}" in text:
+        from util.data import DATA_SETS  # the dataset registry names the kinds
+        text = text.format(data_sets=" | ".join(DATA_SETS))
+    if "default" not in text.lower():
+        text += f" (default: {_shown_default(flag, kind)})"
+    return text.replace("%", "%%")  # argparse %-formats help texts
+
+
+def _shown_default(flag, kind):
+    value = flag.default_for(kind)
+    if flag.action == "store_true":
+        return "off"
+    if value is None or value == []:
+        return "none"
+    if value == "":
+        return "empty"
+    return " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def build_parser(kind, description, prog=None):
+    """The parser of main_finetune.py or main_pretrain.py (`prog`: the script its usage line
+    names, main_<kind>.py unless given)."""
+    parser = argparse.ArgumentParser(prog=prog or f"main_{kind}.py", description=description, epilog=BOOL_HELP,
+                                     allow_abbrev=False)
     return add_flags(parser, kind)
 
 

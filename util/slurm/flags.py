@@ -20,8 +20,11 @@ def add_slurm_args(parser):
 SLURM_DESTS = flags.names(flags.SLURM)
 
 
-def launcher_parser(module):
+def launcher_parser(module, prog=None):
+    """The main script's parser plus the Slurm flags; its usage line names the launcher
+    (`prog`, by default submitit_<kind>.py for main_<kind>)."""
     parser = module.get_args_parser()
+    parser.prog = prog or f"submitit_{module.__name__.rsplit('.', 1)[-1].removeprefix('main_')}.py"
     parser.description = f"Submit {module.__name__}.py with submitit (Slurm, local or debug)"
     return add_slurm_args(parser)
 
