@@ -441,9 +441,9 @@ def test_nonfinite_loss_names_the_step_and_keeps_checkpoints(w, tmp_path):
     r = forkrun.run("main_finetune.py", FT + ["--output_dir", run_dir, "--epochs", "2", "--lr", "1e30"], tmp_path)
     one_line(r, "loss is not finite at epoch 1 step 1;")
     after = snapshot(run_dir)
-    for name in ("checkpoint-0.pth", "checkpoint-best.pth", "log.txt"):
+    for name in ("checkpoint-0.pth", "checkpoint-best.pth", "checkpoint-last.pth", "log.txt"):  # last: the base's final state
         assert after[name] == before[name], name
-    assert not (run_dir / "checkpoint-1.pth").exists() and not (run_dir / "checkpoint-last.pth").exists()
+    assert not (run_dir / "checkpoint-1.pth").exists()
     rec = run_record(run_dir)
     assert rec["status"] == "failed" and "epoch 1 step 1" in rec["reason"]
 

@@ -113,8 +113,9 @@ def test_sigkill_at_20_moments_always_resumes_from_a_whole_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def rolling_run(tmp_path_factory):
-    """One epoch with checkpoint-last.pth written at each step: leaves checkpoint-last.pth
-    (epoch 0 step 7) and checkpoint-0.pth (epoch 0 done)."""
+    """One epoch with checkpoint-last.pth written at each step: leaves checkpoint-0.pth and
+    checkpoint-last.pth, both epoch 0 done (a completed run's checkpoint-last.pth is its final
+    state)."""
     d = tmp_path_factory.mktemp("rolling")
     r = forkrun.run("main_finetune.py", FT + ["--epochs", "1", "--disable_eval", "True",
                                              "--save_ckpt_minutes", "0.00001", "--output_dir", d / "run"], d)
@@ -172,12 +173,12 @@ def test_truncated_checkpoint_is_skipped_by_auto_resume(rolling_run, tmp_path):
     run_dir = _checkpoints_only(shutil.copytree(rolling_run, tmp_path / "run"))
     newest = run_dir / "checkpoint-0.pth"
     newest.write_bytes(newest.read_bytes()[: os.path.getsize(newest) // 2])
-    r = forkrun.run("main_finetune.py", FT + ["--epochs", "1", "--disable_eval", "True", "--output_dir", run_dir],
+    r = forkrun.run("main_finetune.py", FT + ["--epochs", "2", "--disable_eval", "True", "--output_dir", run_dir],
                     tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"warning: skipping {newest}: checkpoint {newest} is damaged" in r.stderr, r.stderr
-    assert f"resumed from {run_dir}/checkpoint-last.pth: epoch 0 step 7" in r.stdout, r.stdout
-    assert _position(newest) == 8 and run_record(run_dir)["status"] == "completed"
+    assert f"resumed from {run_dir}/checkpoint-last.pth: epoch 1 step 0" in r.stdout, r.stdout
+    assert _position(run_dir / "checkpoint-1.pth") == 16 and run_record(run_dir)["status"] == "completed"
 
 
 # ---------------------------------------------------------------- non-finite losses
@@ -301,14 +302,15 @@ def test_corrupt_images_are_replaced_reported_and_counted(corrupt_data, tmp_path
     r = forkrun.run("main_finetune.py", _image_args(d, out, workers) + ["--epochs", str(epochs)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     val_bad = str(d / "val" / "b" / "2.jpg")
-    for p in bad:
-        assert f"warning: unreadable image {p} (" in r.stderr
-    assert f"warning: unreadable image {val_bad} (" in r.stderr
+    for p in bad + [val_bad]:  # one warning per image for the run, whatever the epochs and workers
+        assert r.stderr.count(f"warning: unreadable image {p} (") == 1, r.stderr[-3000:]
     # distinct files, not sightings; a replaced validation image counts too, and apart
     assert [(e["bad_images"], e["bad_val_images"]) for e in read_log(out)] == [(4, 1)] * epochs
     assert (run_record(out)["bad_images"], run_record(out)["bad_val_images"]) == (4, 1)
     logged = [line.split("\t") for line in (out / "bad_images.txt").read_text().splitlines()]
-    assert sorted({(split, path) for split, path, _ in logged}) == [("train", p) for p in bad] + [("val", val_bad)]
+    assert sorted((split, path) for split, path, _ in logged) == [("train", p) for p in bad] + [("val", val_bad)]
+    assert r.stdout.strip().splitlines()[-1] == (f"run directory: {out}; 4 unreadable images replaced "
+                                                 f"(1 in validation), listed in {out}/bad_images.txt")
 
 
 def test_pretraining_counts_corrupt_images_too(corrupt_data, tmp_path):
@@ -373,7 +375,8 @@ def test_relaunch_after_fixing_bad_images_resumes(corrupt_data, tmp_path):
     assert [e["epoch"] for e in log] == [0, 1] and "train_loss" in log[0]
     assert (log[1]["bad_images"], log[1]["bad_val_images"]) == (1, 0)
     assert [line.split("\t")[:2] for line in (out / "bad_images.txt").read_text().splitlines()
-            ] == [["train", f"{d}/train/b/7.jpg"]] * 2  # re-checked at launch, met again in epoch 1
+            ] == [["train", f"{d}/train/b/7.jpg"]]  # re-checked at launch; met again in epoch 1, listed once
+    assert f"warning: unreadable image {d}/train/b/7.jpg" not in r.stderr  # warned about in this run already
 
 
 # ---------------------------------------------------------------- a rank dies or hangs

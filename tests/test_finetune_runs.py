@@ -120,6 +120,8 @@ def test_full_recipe_flags_train_and_the_ema_is_evaluated(tmp_path):
     stats = json.loads((ev / "eval.json").read_text())
     assert stats["n"] == 30 and stats["n_ema"] == 30 and "Accuracy of the EMA model" in r.stdout
     best = max(log, key=lambda e: e["test_acc1_ema"])
+    assert (stats["checkpoint"], stats["epoch"]) == (str(out / "checkpoint-best.pth"), best["epoch"])
+    assert f"evaluated {out / 'checkpoint-best.pth'}: results in {ev / 'eval.json'}" in r.stdout
     assert abs(stats["acc1_ema"] - best["test_acc1_ema"]) < 1e-6
 
 
@@ -139,3 +141,28 @@ def test_head_init_scale_below_1_from_scratch_says_what_it_is_for(capsys, monkey
     assert out == ([f"note: --head_init_scale {scale:g} shrinks the new classifier's initial weights, as meant "
                     "for a start from pretrained weights (--finetune); training from scratch, pass "
                     "--head_init_scale 1.0 for a head initialised like the rest of the model"] if said else [])
+
+
+def test_run_says_where_it_is_and_eval_writes_next_to_its_checkpoint(tmp_path):
+    """A run prints its run directory at its start and at its end; a completed run's
+    checkpoint-last.pth (rolling saves every step here) is its final state; `--eval True --resume <run>/checkpoint-best.pth` (no --output_dir)
+    writes eval.json next to that checkpoint, not into the newest --force sibling (-r2), says
+    where, and names the checkpoint and its epoch."""
+    common = TINY + ["--epochs", "2", "--batch_size", "16", "--runs_root", str(tmp_path / "runs"),
+                     "--save_ckpt_minutes", "0.00001"]
+    first = run("main_finetune.py", common)
+    run_dir = next(line for line in first.stdout.splitlines() if line.startswith("run directory: "))[15:]
+    assert [line for line in first.stdout.splitlines() if line.startswith("run directory: ")] == [f"run directory: {run_dir}"] * 2
+    assert first.stdout.strip().splitlines()[-1] == f"run directory: {run_dir}"
+    final, last = (torch.load(os.path.join(run_dir, f"checkpoint-{n}.pth"), weights_only=True) for n in ("1", "last"))
+    assert (last["epoch"], last["step"], last["epoch_done"], last["global_step"]) == (1, 0, True, final["global_step"])
+    assert all(torch.equal(last["model"][k], v) for k, v in final["model"].items())  # the final state, not older
+    run("main_finetune.py", common + ["--force"])
+    sibling = run_dir + "-r2"
+    assert os.path.isdir(sibling)
+    best = os.path.join(run_dir, "checkpoint-best.pth")
+    r = run("main_finetune.py", common + ["--eval", "True", "--resume", best])
+    stats = json.loads(open(os.path.join(run_dir, "eval.json")).read())
+    assert stats["checkpoint"] == os.path.abspath(best) and stats["epoch"] == run_record(run_dir)["best_metric"]["epoch"]
+    assert not os.path.exists(os.path.join(sibling, "eval.json"))
+    assert f"results in {os.path.join(run_dir, 'eval.json')}" in r.stdout

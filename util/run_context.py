@@ -92,6 +92,10 @@ class _Decision:
 
 
 def _decide(args, kind, world_size):
+    if flags.value(args, "eval") and args.resume and not args.output_dir:
+        # evaluating a given checkpoint: its own folder, not the run (or a -rN sibling) the
+        # settings would name; eval.json goes next to it
+        return _Decision(run_dir=os.path.dirname(args.resume) or ".")
     try:
         return _Decision(run_dir=runs.prepare_run_dir(args, kind=kind, world_size=world_size))
     except runs.RunCompleted as done:

@@ -20,6 +20,7 @@ import torch
 
 from models.errors import ModelError
 from util import distributed as du
+from util import flags
 from util.console import info
 from util.errors import UserError
 from util.logger import TensorBoard, append_json_log
@@ -116,6 +117,11 @@ class Task:
             self.train_set.bad_log = BadImageLog(path, "train")
             if hasattr(self.val_set, "bad_log"):
                 self.val_set.bad_log = BadImageLog(path, "val")
+
+    def bad_image_summary(self):
+        """"; N unreadable images replaced (...), listed in <list>" for a run's last line, or ""."""
+        from util.data.bad_images import summary
+        return summary(getattr(self.train_set, "bad_log", None))
 
     def bad_images(self):
         """{"bad_images": distinct unreadable images met (train and val), "bad_val_images": of
@@ -224,12 +230,23 @@ class Trainer:
 
     def evaluate(self):
         """--eval: the weights of --resume (or the run's newest checkpoint, or --finetune)
-        evaluated once; the stats go to <run_dir>/eval.json and are returned."""
-        self._training_state()
+        evaluated once; the stats, with the checkpoint's path and epoch, go to eval.json next to
+        that checkpoint (or in --output_dir), and are returned."""
+        start = self._training_state()
         stats = self.task.final_eval(self.models)
+        weights = start.path or flags.value(self.args, "finetune")
+        # a checkpoint of ours: the epoch it holds (finished, or in progress at `step`)
+        where = {} if start.path is None else {"epoch": start.epoch - 1} if start.step == 0 else \
+            {"epoch": start.epoch, "step": start.step}
+        stats = {"checkpoint": os.path.abspath(weights), **({"epoch": None} | where), **stats}
+        out_dir = self.args.output_dir or (self.ctx.run_dir if start.path else os.path.dirname(weights) or ".")
         if du.is_main_process():
-            from util.atomic import atomic_write_json
-            atomic_write_json(os.path.join(self.ctx.run_dir, "eval.json"), stats)
+            from util.atomic import atomic_write_json, remove_empty_dirs
+            path = os.path.join(out_dir, "eval.json")
+            atomic_write_json(path, stats)
+            if os.path.abspath(out_dir) != os.path.abspath(self.ctx.run_dir):
+                remove_empty_dirs([self.ctx.run_dir])  # the settings' run folder, made for nothing
+            info(f"evaluated {weights}: results in {path}{self.task.bad_image_summary()}")
         du.cleanup()
         return stats
 
@@ -266,6 +283,7 @@ class Trainer:
     def _epochs(self, train_one_epoch, loop, start, epoch_callback):
         """The epochs; ends the record as completed, preempted or failed."""
         args, run_dir, record = self.args, self.ctx.run_dir, self.record
+        info(f"run directory: {run_dir}")
         info(f"start training for {args.epochs} epochs from epoch {start.epoch} step {start.step}")
         t_start = time.time()
         try:
@@ -274,9 +292,10 @@ class Trainer:
                 self._epoch(train_one_epoch, loop, epoch, step0, epoch_callback)
         except Preempted as p:
             record.finish("preempted", reason=str(p))
-            info(f"preempted: state saved in {run_dir}; run the same command to resume")
+            info(f"preempted: state saved in {run_dir}; run the same command to resume{self.task.bad_image_summary()}")
             return {"status": "preempted", "run_dir": run_dir}
         except BaseException as e:  # an exception may name its own status (util/hpo/trial.py: "pruned")
+            info(f"run directory: {run_dir}")
             try:
                 record.finish(getattr(e, "run_status", "failed"), reason=f"{type(e).__name__}: {e}",
                               **({"skipped_steps": loop.skipped_steps} if loop.skipped_steps else {}))
@@ -286,10 +305,21 @@ class Trainer:
         finally:
             loop.tb.close()
             loop.stop.uninstall()
+        self._final_state_as_last()
         record.finish("completed")
         best = self.state.best
         info(f"training time {time.time() - t_start:.0f} s; best {best['name']} {best['value']}")
+        info(f"run directory: {run_dir}{self.task.bad_image_summary()}")
         return {"status": "completed", "best": best, "run_dir": run_dir}
+
+    def _final_state_as_last(self):
+        """A completed run's checkpoint-last.pth is its final state, the same as
+        checkpoint-<last epoch>.pth (not an older rolling save): a second whole copy, which
+        auto-resume falls back to should the epoch file be damaged. Every rank calls it."""
+        a = self.args
+        if a.save_ckpt:
+            self.state.save(os.path.join(self.ctx.run_dir, "checkpoint-last.pth"), epoch=a.epochs - 1, step=0,
+                            updates_per_epoch=self.updates_per_epoch, update_freq=a.update_freq, epoch_done=True)
 
     def _epoch(self, train_one_epoch, loop, epoch, step0, epoch_callback):
         """Train and evaluate one epoch, then the best, checkpoints, log.txt, TensorBoard, the

@@ -8,22 +8,40 @@ from util.errors import UserError
 
 
 class BadImageLog:
-    """Records unreadable images in `<path>`, one line each, appended by any worker process:
-    `<split>\t<image path>\t<error>`, split `train` or `val` (a replaced validation image biases
-    the accuracy, so it is counted too). Lines written before the split column read as train."""
+    """Records unreadable images in `<path>`, one line per image and split for the whole run,
+    appended by any worker process or rank: `<split>\t<image path>\t<error>`, split `train` or
+    `val` (a replaced validation image biases the accuracy, so it is counted too). An image
+    already listed (met again in a later epoch, by another worker, or before a relaunch) is
+    neither listed nor warned about again. Lines written before the split column read as train."""
 
     SPLITS = ("train", "val")
 
     def __init__(self, path=None, split="train"):
         self.path, self.split = path, split
+        self.seen = set()  # (split, image) this process knows to be listed (or warned, without a path)
 
     def add(self, image_path, err):
-        what = "another validation sample" if self.split == "val" else "another sample"
+        key = (self.split, str(image_path))
+        if key in self.seen:
+            return
+        self.seen.add(key)
         error = " ".join(f"{type(err).__name__}: {err}".split())  # one line, no tabs
+        if self.path and not self._append_once(key, error):
+            return  # listed, and so warned about, by another process of this run already
+        what = "another validation sample" if self.split == "val" else "another sample"
         sys.stderr.write(f"warning: unreadable image {image_path} ({error}); using {what} in its place\n")
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(f"{self.split}\t{image_path}\t{error}\n")
+
+    def _append_once(self, key, error):
+        """Append the image's line unless the list holds it; the list is locked meanwhile, so
+        two workers meeting the same image write one line. Returns whether it was appended."""
+        import fcntl
+        with open(self.path, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+            f.seek(0)
+            if any(self.parse(line.rstrip("\n"))[:2] == key for line in f if line.strip()):
+                return False
+            f.write(f"{key[0]}\t{key[1]}\t{error}\n")
+            return True
 
     def entries(self):
         if not self.path or not os.path.exists(self.path):
@@ -67,6 +85,16 @@ class BadImageLog:
         if kept:
             atomic_write_text(path, "".join(k + "\n" for k in kept))
         return sorted(cls.parse(k)[:2] for k in kept)
+
+
+def summary(log):
+    """The end of a run's last line about its unreadable images ("" when there were none)."""
+    found = log.found() if log is not None and log.path else []
+    if not found:
+        return ""
+    n_val = sum(split == "val" for split, _ in found)
+    return (f"; {len(found)} unreadable image{'s' if len(found) != 1 else ''} replaced "
+            f"({n_val} in validation), listed in {log.path}")
 
 
 def _load(loader, path):
