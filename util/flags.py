@@ -226,7 +226,8 @@ TABLE = (
     _flag("mixup_switch_prob", 0.5, float, "probability of cutmix instead of mixup when both are on",
           checks=(R(0, 1),), **_ft),
     _flag("mixup_mode", "batch", str, "mix per batch, pair or element", choices=fc.MIXUP_MODES, **_ft),
-    _flag("finetune", "", str, "checkpoint to start from (ours, FCMAE, official or timm)", **_ft),
+    _flag("finetune", "", str, "weights to start from: a .pth/.pt/.bin/.safetensors file (ours, FCMAE, "
+                               "official, timm, Hugging Face) or a Hugging Face folder", **_ft),
     _flag("head_init_scale", 0.001, float, "scale of the classifier's initial weights", **_ft),
     _flag("model_key", "model|module", str, "where the weights are in a --finetune checkpoint (first found)",
           **_ft),
@@ -359,9 +360,9 @@ def add_flags(parser, kind, group=None):
         for key in ("nargs", "const", "metavar"):
             if getattr(f, key) is not None:
                 kw[key] = getattr(f, key)
-        if f.parse_choices:
         if f.type is str2bool and f.metavar is None:
             kw["metavar"] = "BOOL"  # explained once, in the epilog (BOOL_HELP)
+        if f.parse_choices:
             kw["choices"] = f.choices
         add(f"--{f.name}", *f.aliases, **kw)
     return parser
