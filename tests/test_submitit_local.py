@@ -90,7 +90,7 @@ def test_dry_run_without_slurm_prints_the_batch_script(tmp_path, monkeypatch, ca
     assert code == 0
     assert f"run directory: {run_dir}" in out and "world size: 64 (8 node(s) x 8 task(s))" in out
     for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --time=4320", "#SBATCH --mem=320GB", "#SBATCH --cpus-per-task=10",
+                 "#SBATCH --time=4320", "#SBATCH --mem=320GB", "#SBATCH --cpus-per-task=11",
                  "#SBATCH --partition=big", "#SBATCH --constraint=volta32gb", "#SBATCH --comment='paper run'",
                  "#SBATCH --mail-type=END", "#SBATCH --signal=USR2@120", f"{run_dir}/slurm/%j/%j_0_log.out"):
         assert line in out, line
