@@ -199,7 +199,8 @@ def config_values(parser, path):
 
 
 def parse_args(parser, argv=None):
-    """Parse argv (default sys.argv[1:]) with the `--config` file's values as defaults.
+    """Parse argv (default sys.argv[1:]) with the `--config` file's values as defaults. A flag
+    the parser does not know is a UserError naming the closest flags (`unknown_flag_message`).
 
     The parser is left as it was (defaults restored), so it can be used again.
     """
