@@ -52,10 +52,16 @@ def test_finetune_model_gradients_equal_without_it():
 
     def fwd(m):
         return lambda: torch.nn.functional.cross_entropy(m(x), y)
+    saved_plain, saved_ckpt = _same_gradients(plain, ckpt, fwd)
+    assert saved_ckpt < 0.5 * saved_plain, (saved_ckpt, saved_plain)
+
+
+def _same_gradients(plain, ckpt, fwd):
+    """Both models' gradients agree; returns the bytes each saved for backward."""
     ga, saved_plain = _grads(plain, fwd(plain))
     gb, saved_ckpt = _grads(ckpt, fwd(ckpt))
     _same(ga, gb)
-    assert saved_ckpt < 0.5 * saved_plain, (saved_ckpt, saved_plain)
+    return saved_plain, saved_ckpt
 
 
 def test_fcmae_encoder_gradients_equal_without_it():
@@ -65,9 +71,7 @@ def test_fcmae_encoder_gradients_equal_without_it():
 
     def fwd(m):
         return lambda: m(x, mask=mask)[0]
-    ga, saved_plain = _grads(plain, fwd(plain))
-    gb, saved_ckpt = _grads(ckpt, fwd(ckpt))
-    _same(ga, gb)
+    saved_plain, saved_ckpt = _same_gradients(plain, ckpt, fwd)
     assert ckpt.encoder.grad_checkpointing and saved_ckpt < saved_plain, (saved_ckpt, saved_plain)
 
 
@@ -77,9 +81,7 @@ def test_timm_model_gradients_equal_without_it():
 
     def fwd(m):
         return lambda: m(x).square().mean()
-    ga, saved_plain = _grads(plain, fwd(plain))
-    gb, saved_ckpt = _grads(ckpt, fwd(ckpt))
-    _same(ga, gb)
+    saved_plain, saved_ckpt = _same_gradients(plain, ckpt, fwd)
     assert saved_ckpt < 0.5 * saved_plain, (saved_ckpt, saved_plain)
 
 
