@@ -119,6 +119,10 @@ TABLE = (
                                              "does not evaluate (default: none)"),
           checks=(R(0, 1, low_open=True),)),
     _flag("num_workers", 10, int, "data loading worker processes per rank", role=SETTING, checks=(R(0),)),
+    _flag("device_transforms", "auto", str, "where batches are finished: true: loader workers return uint8 images "
+          "and normalisation and random erasing run on the training device (timm's prefetcher); false: all in "
+          "the workers, as float; auto: true on CUDA, false on CPU (where the device is the loader's CPU)",
+          choices=("auto", "true", "false"), ignore_case=True),
     _flag("pin_mem", True, str2bool, "pin host memory of batches (faster copies to the GPU)", role=SETTING),
     _flag("synthetic_train_samples", 5000, int, "built-in dataset: training images",
           checks=(R(1, message="--synthetic_train_samples and --synthetic_val_samples must be >= 1"),)),
