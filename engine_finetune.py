@@ -86,19 +86,30 @@ class FinetuneTask(Task):
     lower_is_better = False
 
     def __init__(self, args, dist):
-        from util.data import build_dataset, build_eval_loader, check_same_classes
-        train_set, nb_classes = build_dataset(True, args)
-        val_set = None if args.disable_eval and not args.eval else build_dataset(False, args)[0]
+        from util.data import build_dataset, build_eval_loader, build_transform, check_same_classes
+        from util.data.device_batches import on_device
+        uint8 = on_device(args, dist.device)
+        train_set, nb_classes = build_dataset(True, args, transform=build_transform(True, args, uint8))
+        val_set = None
+        if not (args.disable_eval and not args.eval):
+            val_set = build_dataset(False, args, transform=build_transform(False, args, uint8))[0]
         if val_set is not None:
             check_same_classes(train_set, val_set)
         super().__init__(args, dist, train_set, val_set, nb_classes)
         self.best_name = "test_acc1_ema" if (args.model_ema and args.model_ema_eval) else "test_acc1"
         self.mixup_fn = build_mixup(args, nb_classes)
         self.criterion = build_criterion(args, self.mixup_fn)
-        self.val_loader = None if val_set is None else build_eval_loader(val_set, args, dist.world_size, dist.rank)
+        self.val_loader = None if val_set is None else self.device_batches(
+            build_eval_loader(val_set, args, dist.world_size, dist.rank))
 
     def build_model(self):
         return build_model(self.args, self.nb_classes)
+
+    def train_erasing(self):
+        if self.args.reprob <= 0:
+            return None
+        from util.data.device_batches import RandomErasingBySample
+        return RandomErasingBySample(self.args.reprob, self.args.remode, self.args.recount)
 
     def prepare(self, model):
         if self.args.finetune:

@@ -37,7 +37,8 @@ class PretrainTask(Task):
 
     def __init__(self, args, dist):
         from util.data import build_dataset, build_pretrain_transform
-        train_set, _ = build_dataset(True, args, transform=build_pretrain_transform(args))
+        from util.data.device_batches import on_device
+        train_set, _ = build_dataset(True, args, transform=build_pretrain_transform(args, on_device(args, dist.device)))
         super().__init__(args, dist, train_set)
         self.vis_images = None  # the grid's images, read at its first drawing (rank 0)
 

@@ -12,6 +12,8 @@ pytestmark = pytest.mark.slow
 
 ARGS = TINY + ["--synthetic_train_samples", "192", "--epochs", "2", "--batch_size", "8",
                "--drop_path", "0.1", "--warmup_epochs", "1", "--model_ema", "True", "--model_ema_decay", "0.9"]
+# batches finished on the device (uint8 from the workers), with what is random there: erasing, mixup
+DEVICE = ["--device_transforms", "true", "--reprob", "0.5", "--mixup", "0.8", "--cutmix", "1.0"]
 
 
 def _stop_midway(args, nproc, sig, at_step=5):
@@ -31,27 +33,32 @@ def _stop_midway(args, nproc, sig, at_step=5):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """reference(nproc): the run that never stopped, made once per process count."""
+    """reference(nproc, extra): the run that never stopped, made once per process count and flags."""
     made = {}
 
-    def get(nproc):
-        if nproc not in made:
-            made[nproc] = tmp_path_factory.mktemp(f"ref{nproc}") / "run"
-            run("main_finetune.py", ARGS + ["--output_dir", str(made[nproc])], nproc=nproc)
-        return made[nproc]
+    def get(nproc, extra=()):
+        key = (nproc, tuple(extra))
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp(f"ref{nproc}") / "run"
+            run("main_finetune.py", ARGS + list(extra) + ["--output_dir", str(made[key])], nproc=nproc)
+        return made[key]
     return get
 
 
-@pytest.mark.parametrize("nproc,sig", [(1, signal.SIGTERM), (2, signal.SIGTERM), (1, signal.SIGUSR2)])
-def test_preempted_run_resumes_bit_identical(tmp_path, reference, nproc, sig):
-    ref = reference(nproc)
+@pytest.mark.parametrize("nproc,sig,extra", [(1, signal.SIGTERM, []), (2, signal.SIGTERM, []),
+                                             (1, signal.SIGUSR2, []), (1, signal.SIGTERM, DEVICE),
+                                             (2, signal.SIGTERM, DEVICE)],
+                         ids=["1proc", "2proc", "1proc-usr2", "1proc-device", "2proc-device"])
+def test_preempted_run_resumes_bit_identical(tmp_path, reference, nproc, sig, extra):
+    ref = reference(nproc, extra)
+    args = ARGS + extra
     cut = tmp_path / "cut"
-    out = _stop_midway(ARGS + ["--output_dir", str(cut)], nproc, sig)
+    out = _stop_midway(args + ["--output_dir", str(cut)], nproc, sig)
     rec = run_record(cut)
     assert rec["status"] == "preempted", out[-2000:]
     ck = torch.load(cut / "checkpoint-last.pth", map_location="cpu", weights_only=True)
     assert ck["epoch"] == 0 and 5 <= ck["step"] < 192 // (8 * nproc), ck["step"]
-    run("main_finetune.py", ARGS + ["--output_dir", str(cut)], nproc=nproc)
+    run("main_finetune.py", args + ["--output_dir", str(cut)], nproc=nproc)
     assert run_record(cut)["status"] == "completed"
     a, b = weights(ref / "checkpoint-1.pth"), weights(cut / "checkpoint-1.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -75,6 +75,24 @@ class Task:
         self.args, self.dist = args, dist
         self.train_set, self.val_set, self.nb_classes = train_set, val_set, nb_classes
 
+    @property
+    def uint8(self):
+        """Whether this run's loaders return uint8 images, finished on the device (--device_transforms)."""
+        from util.data.device_batches import on_device
+        return on_device(self.args, self.dist.device)
+
+    def train_erasing(self):
+        """Random erasing of training batches on the device (util/data/device_batches.py), or None."""
+        return None
+
+    def device_batches(self, loader, erasing=None):
+        """`loader` itself, or (--device_transforms) its uint8 batches finished on the device."""
+        if not self.uint8:
+            return loader
+        from util.data import mean_std
+        from util.data.device_batches import DeviceBatches
+        return DeviceBatches(loader, self.dist.device, *mean_std(self.args), self.args.channels_last, erasing)
+
     def build_model(self):
         raise NotImplementedError
 
@@ -198,7 +216,8 @@ class Trainer:
     def _build_loader(self):
         from util.data import build_train_loader
         d = self.ctx.dist
-        self.train_loader = build_train_loader(self.task.train_set, self.args, d.world_size, d.rank)
+        loader = build_train_loader(self.task.train_set, self.args, d.world_size, d.rank, with_seeds=self.task.uint8)
+        self.train_loader = self.task.device_batches(loader, self.task.train_erasing())
         self.updates_per_epoch = updates_per_epoch(len(self.train_loader), self.args.update_freq)
         self.lr_schedule = lr_schedule(self.args, self.ctx.lr, self.updates_per_epoch)
         self.wd_schedule = self.task.wd_schedule(self.updates_per_epoch)

@@ -14,10 +14,12 @@ from util.errors import UserError
 
 
 class SeededTransform(Dataset):
-    """Wraps a dataset so that the sampler's (index, seed) keys seed each sample's augmentation."""
+    """Wraps a dataset so that the sampler's (index, seed) keys seed each sample's augmentation.
+    `with_seed`: samples also carry their seed, for what is random on the device
+    (util/data/device_batches.py)."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, with_seed=False):
+        self.dataset, self.with_seed = dataset, with_seed
 
     def __len__(self):
         return len(self.dataset)
@@ -28,7 +30,10 @@ class SeededTransform(Dataset):
         return getattr(self.dataset, name)
 
     def __getitem__(self, key):
-        index, seed = key
+        sample = self._sample(*key)
+        return (*sample, key[1]) if self.with_seed else sample
+
+    def _sample(self, index, seed):
         in_worker = torch.utils.data.get_worker_info() is not None
         if in_worker:
             random.seed(seed)
@@ -94,12 +99,12 @@ class EvalSampler(Sampler):
         return len(self.indices)
 
 
-def build_train_loader(dataset, args, world_size, rank):
+def build_train_loader(dataset, args, world_size, rank, with_seeds=False):
     sampler = TrainSampler(len(dataset), world_size, rank, seed=args.seed)
     if len(dataset) < args.batch_size * world_size:
         raise UserError(f"the training set has {len(dataset)} images, fewer than one global batch "
                         f"({args.batch_size} x {world_size}); lower --batch_size")
-    return _loader(SeededTransform(dataset), sampler, args, drop_last=True)
+    return _loader(SeededTransform(dataset, with_seeds), sampler, args, drop_last=True)
 
 
 def build_eval_loader(dataset, args, world_size, rank):

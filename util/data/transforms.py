@@ -1,5 +1,7 @@
 """Image transforms: timm's create_transform for fine-tuning, FCMAE's crop + flip for
-pretraining, resize + centre crop for evaluation."""
+pretraining, resize + centre crop for evaluation. With `uint8` (--device_transforms) each ends
+in a uint8 tensor: normalisation and random erasing then run on the device
+(util/data/device_batches.py)."""
 from torchvision import transforms
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -45,8 +47,15 @@ def mean_std(args):
             else (INCEPTION_MEAN, INCEPTION_STD))
 
 
-def build_transform(is_train, args):
-    """Fine-tuning transforms: timm's create_transform for training, resize + centre crop for eval."""
+def _to_tensor(uint8, mean, std):
+    if uint8:
+        return [transforms.PILToTensor()]
+    return [transforms.ToTensor(), transforms.Normalize(mean, std)]
+
+
+def build_transform(is_train, args, uint8=False):
+    """Fine-tuning transforms: timm's create_transform for training, resize + centre crop for eval.
+    `uint8`: no normalisation nor random erasing here (timm's prefetcher layout)."""
     mean, std = mean_std(args)
     size = args.input_size
     if is_train:
@@ -56,7 +65,7 @@ def build_transform(is_train, args):
             input_size=size, is_training=True, color_jitter=args.color_jitter, auto_augment=aa,
             scale=tuple(getattr(args, "scale", (0.08, 1.0))),
             interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
-            re_count=args.recount, mean=mean, std=std))
+            re_count=args.recount, mean=mean, std=std, use_prefetcher=uint8))
     steps = []
     if size >= 384:  # as in the original: no crop at large sizes
         steps.append(transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC))
@@ -64,15 +73,13 @@ def build_transform(is_train, args):
         crop_pct = args.crop_pct if args.crop_pct else 224 / 256
         steps += [transforms.Resize(int(size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
                   transforms.CenterCrop(size)]
-    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    return transforms.Compose(steps)
+    return transforms.Compose(steps + _to_tensor(uint8, mean, std))
 
 
-def build_pretrain_transform(args):
+def build_pretrain_transform(args, uint8=False):
     """The original FCMAE augmentation: RandomResizedCrop(0.2-1, bicubic) + horizontal flip."""
     mean, std = mean_std(args)
     return transforms.Compose([
         transforms.RandomResizedCrop(args.input_size, scale=(0.2, 1.0),
                                      interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), transforms.Normalize(mean, std)])
+        transforms.RandomHorizontalFlip()] + _to_tensor(uint8, mean, std))

@@ -1,0 +1,118 @@
+"""Batches finished on the training device (--device_transforms), as timm's PrefetchLoader does.
+
+Loader workers then return uint8 images (decode, crop, flip, RandAugment: no float work on the
+CPU); `DeviceBatches` copies each batch to the device (`non_blocking`, from pinned memory on
+CUDA), converts and normalises it there and applies random erasing. Mixup / cutmix already run
+on the device, in the task's loss. Whatever is random here is drawn from each image's own
+sample seed (util/data/loaders.TrainSampler), not from a process-wide generator, so a batch's
+erased boxes and noise do not depend on the number of processes or on where a run was resumed.
+"""
+import math
+import random
+
+import torch
+
+# A sample seed is also what seeds the worker's augmentation (SeededTransform); the erasing
+# stream is derived from it (an LCG step) so the two streams are not the same numbers.
+_MUL, _ADD = 6364136223846793005, 1442695040888963407
+
+
+def on_device(args, device):
+    """Whether this run finishes its batches on the device: `auto` means on CUDA (on a CPU the
+    "device" is the loader's own CPU, where the workers do that work in parallel)."""
+    choice = str(args.device_transforms).lower()
+    return device.type == "cuda" if choice == "auto" else choice == "true"
+
+
+def erasing_seed(sample_seed):
+    return (int(sample_seed) * _MUL + _ADD) % 2 ** 63
+
+
+class RandomErasingBySample:
+    """timm's RandomErasing (timm.data.RandomErasing: applied after normalisation, modes const,
+    rand and pixel, 1 to `max_count` boxes each of 2-33 % of the image over the box count, aspect
+    0.3-3.3, ten tries per box) with each image's draws seeded by its sample seed: its own
+    `random.Random` for the boxes and one reused device generator, re-seeded per image, for
+    the noise."""
+
+    def __init__(self, probability, mode="pixel", max_count=1, min_area=0.02, max_area=1 / 3, min_aspect=0.3):
+        self.probability, self.mode = float(probability), mode.lower()
+        self.max_count = max(1, int(max_count or 1))
+        self.min_area, self.max_area = min_area, max_area
+        self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+        self.generators = {}
+
+    def _generator(self, device):
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device)
+        return self.generators[device]
+
+    def __call__(self, images, seeds):
+        """Erase in place: `images` [N, C, H, W] normalised, `seeds` the N sample seeds."""
+        if self.probability <= 0:
+            return images
+        for img, seed in zip(images, seeds.tolist()):
+            self.erase(img, erasing_seed(seed))
+        return images
+
+    def erase(self, img, seed):
+        rng = random.Random(seed)
+        if rng.random() > self.probability:
+            return
+        chan, h_img, w_img = img.shape
+        area = h_img * w_img
+        count = 1 if self.max_count == 1 else rng.randint(1, self.max_count)
+        gen = self._generator(img.device)
+        gen.manual_seed(seed)
+        for _ in range(count):
+            for _attempt in range(10):
+                target = rng.uniform(self.min_area, self.max_area) * area / count
+                aspect = math.exp(rng.uniform(*self.log_aspect))
+                h = int(round(math.sqrt(target * aspect)))
+                w = int(round(math.sqrt(target / aspect)))
+                if w < w_img and h < h_img:
+                    top, left = rng.randint(0, h_img - h), rng.randint(0, w_img - w)
+                    img[:, top:top + h, left:left + w] = self._fill((chan, h, w), img, gen)
+                    break
+
+    def _fill(self, shape, img, gen):
+        if self.mode == "pixel":
+            return torch.randn(shape, generator=gen, device=img.device, dtype=img.dtype)
+        if self.mode == "rand":
+            return torch.randn((shape[0], 1, 1), generator=gen, device=img.device, dtype=img.dtype)
+        return torch.zeros((shape[0], 1, 1), device=img.device, dtype=img.dtype)
+
+
+class DeviceBatches:
+    """Iterates a DataLoader of uint8 batches `(images, targets[, sample seeds])` and yields
+    `[images, targets]` on `device`: images float32, normalised with `mean`/`std` (0-1 units),
+    erased by `erasing` (which needs the seeds). Everything else (len, sampler, batch_size)
+    is the loader's."""
+
+    def __init__(self, loader, device, mean, std, channels_last=False, erasing=None):
+        self.loader, self.device, self.erasing = loader, device, erasing
+        self.mean = torch.tensor([255 * m for m in mean], device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor([255 * s for s in std], device=device).view(1, -1, 1, 1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield self.finish(batch)
+
+    def finish(self, batch):
+        images, targets, *seeds = batch
+        x = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        x = x.float().sub_(self.mean).div_(self.std)
+        if self.erasing is not None:
+            if not seeds:
+                raise ValueError("random erasing on the device needs the loader's sample seeds")
+            self.erasing(x, seeds[0])
+        return [x, targets.to(self.device, non_blocking=True)]
