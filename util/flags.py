@@ -123,6 +123,9 @@ TABLE = (
           "and normalisation and random erasing run on the training device (timm's prefetcher); false: all in "
           "the workers, as float; auto: true on CUDA, false on CPU (where the device is the loader's CPU)",
           choices=("auto", "true", "false"), ignore_case=True),
+    _flag("jpeg_draft", False, str2bool, "decode a JPEG at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling, Pillow's "
+          "draft) when its random or centre crop is shrunk at least that much anyway: faster loaders, slightly "
+          "different pixels than a full decode (False: the original's pixels)"),
     _flag("pin_mem", True, str2bool, "pin host memory of batches (faster copies to the GPU)", role=SETTING),
     _flag("synthetic_train_samples", 5000, int, "built-in dataset: training images",
           checks=(R(1, message="--synthetic_train_samples and --synthetic_val_samples must be >= 1"),)),
@@ -168,7 +171,7 @@ TABLE = (
     _flag("grad_checkpointing", False, str2bool, "recompute the model's blocks in backward instead of keeping "
                                                  "their activations: less memory, more time per step, the same "
                                                  "gradients (ours, and timm models that support it)",
-          role=SETTING, nargs="?", const=True, checks=(Rule(fc.grad_checkpointing, kinds=(FT,)),)),
+          role=SETTING, nargs="?", const=True, checks=(Rule(fc.grad_checkpointing, kinds=(FT,), needs_torch=True),)),
     # ------------------------------------------------------------ distributed
     _flag("world_size", 1, int, "number of processes (set by the launcher)", role=LAUNCHER),
     _flag("local_rank", -1, int, "local rank (set by torch.distributed.launch)", role=LAUNCHER,
@@ -201,7 +204,7 @@ TABLE = (
     _flag("weight_decay_end", None, float, "final weight decay of a cosine wd schedule (default: constant)",
           checks=(R(0, message="--weight_decay_end must be >= 0"),), **_ft),
     _flag("opt", "adamw", str, "optimizer (timm's names; lookahead_<name> adds Lookahead)",
-          checks=(Rule(fc.optimizer),), **_ft),
+          checks=(Rule(fc.optimizer, needs_torch=True),), **_ft),
     _flag("opt_eps", 1e-8, float, "optimizer epsilon", checks=(R(0),), **_ft),
     _flag("opt_betas", None, float, "optimizer betas (default: the optimizer's own)", nargs="+",
           checks=(Rule(fc.opt_betas),), **_ft),
@@ -209,7 +212,7 @@ TABLE = (
     _flag("color_jitter", None, float, "colour jitter factor (default: none)",
           checks=(R(0, hint=" (or left out)"),), **_ft),
     _flag("aa", "rand-m9-mstd0.5-inc1", str, "RandAugment policy (timm); none to disable",
-          checks=(Rule(fc.augment_policy),), **_ft),
+          checks=(Rule(fc.augment_policy, needs_torch=True),), **_ft),
     _flag("smoothing", 0.1, float, "label smoothing", checks=(R(0, 1, high_open=True),), **_ft),
     _flag("train_interpolation", "bicubic", str, "interpolation of the training crop",
           choices=fc.INTERPOLATIONS, **_ft),
@@ -407,14 +410,15 @@ def build_parser(kind, description, prog=None):
     return add_flags(parser, kind)
 
 
-def checks(kind):
+def checks(kind, needs_torch=None):
     """[(key, check)] of every range and choice check of script `kind`, in table order: `check(args)`
     returns None (fine) or the one-line message. A key, `<flag>:<n>`, names one check of the table
-    (a check both scripts share has the same key in both)."""
+    (a check both scripts share has the same key in both). `needs_torch` True or False: only the
+    checks that import torch, timm or the models, or only those that do not."""
     out = []
     for f in flags_of(kind):
         for i, c in enumerate(_choice_checks(f) + list(f.checks)):
-            if kind in c.kinds:
+            if kind in c.kinds and needs_torch in (None, getattr(c, "needs_torch", False)):
                 out.append((f"{f.name}:{i}", _bound(c, f.name)))
     return out
 
@@ -429,9 +433,9 @@ def _bound(check, name):
     return lambda args: check(name, getattr(args, name, None), args)
 
 
-def first_failure(args, kind):
-    """The message of the first check `args` fails, or None."""
-    for _key, check in checks(kind):
+def first_failure(args, kind, needs_torch=None):
+    """The message of the first check `args` fails, or None (`needs_torch`: as for `checks`)."""
+    for _key, check in checks(kind, needs_torch):
         msg = check(args)
         if msg:
             return msg
