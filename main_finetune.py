@@ -5,14 +5,13 @@ The same code runs a single-process CPU debug run, `torchrun --nproc_per_node=N`
 """
 import functools
 
-from engine_finetune import FinetuneTask, build_model
 from util.config import parse_args
 from util.errors import exit_on_user_error
 from util.flags import build_parser
-from util.run_context import start_process
-from util.train_loop import train_one_epoch
-from util.trainer import Trainer, model_errors_as_user_errors
-from util.validate import check_args
+from util.validate import check_args, check_cheap
+
+# torch, timm and the models are imported inside the functions that need them: a mistyped flag,
+# a missing path or a bad config value is one line before any of them is loaded (see __main__).
 
 
 def get_args_parser():
@@ -27,16 +26,26 @@ def validate_args(args):
 
 def model_builder(args, nb_classes):
     """A function that builds this run's model (the Slurm launcher's checkpoint check)."""
+    from engine_finetune import build_model
     return functools.partial(build_model, args, nb_classes)
 
 
 @exit_on_user_error
-@model_errors_as_user_errors
 def main(args, epoch_callback=None, record_extra=None, on_run_dir=None):
     """Train (or with --eval only evaluate). `epoch_callback(epoch, log)` runs after each epoch
     on every rank (the hyperparameter search reports and prunes there); `record_extra`: more
     fields for run.json (the search's study and trial); `on_run_dir(run_dir)`: told the run
     directory on every rank once it is chosen. `args` is read, never written."""
+    from util.trainer import model_errors_as_user_errors  # torch from here on
+    return model_errors_as_user_errors(_run)(args, epoch_callback, record_extra, on_run_dir)
+
+
+def _run(args, epoch_callback, record_extra, on_run_dir):
+    """main's work, its torch-importing modules imported now."""
+    from engine_finetune import FinetuneTask
+    from util.run_context import start_process
+    from util.train_loop import train_one_epoch
+    from util.trainer import Trainer
     validate_args(args)
     dist = start_process(args)
     task = FinetuneTask(args, dist)
@@ -54,4 +63,5 @@ if __name__ == "__main__":
         from util.hpo import optimize
         optimize(args, "finetune")
     else:
+        exit_on_user_error(check_cheap)(args, "finetune")  # one line before torch is imported
         main(args)

@@ -9,7 +9,6 @@ import sys
 import main_finetune
 from util import slurm
 from util.errors import exit_on_user_error
-from util.hpo.slurm import optimize_slurm
 
 
 def get_args_parser():
@@ -22,6 +21,7 @@ def main(argv=None):
     returns the exit code."""
     launch = slurm.check_launch("finetune", "main_finetune", argv)
     if launch.margs.optimize_config or launch.margs.storage:
+        from util.hpo.slurm import optimize_slurm  # torch (util.hpo): after the launch's checks
         return optimize_slurm(launch.kind, launch.args, launch.margs)
     return slurm.submit_run(launch)
 

@@ -10,7 +10,6 @@ import sys
 import main_pretrain
 from util import slurm
 from util.errors import exit_on_user_error
-from util.hpo.slurm import optimize_slurm
 
 
 def get_args_parser():
@@ -23,6 +22,7 @@ def main(argv=None):
     returns the exit code."""
     launch = slurm.check_launch("pretrain", "main_pretrain", argv)
     if launch.margs.optimize_config or launch.margs.storage:
+        from util.hpo.slurm import optimize_slurm  # torch (util.hpo): after the launch's checks
         return optimize_slurm(launch.kind, launch.args, launch.margs)
     return slurm.submit_run(launch)
 

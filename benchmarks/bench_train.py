@@ -506,9 +506,27 @@ def bench_data(a):
 
 
 def bench_startup(a):
-    """Seconds from the README demo command to its first logged training step."""
+    """Seconds from the README demo command to its first logged training step, and from a mistaken
+    command to its exit with the one error line (median of 3 runs each; issue 16, item 10)."""
+    script = os.path.join(ROOT, "main_finetune.py")
     with tempfile.TemporaryDirectory() as d:
-        cmd = [sys.executable, os.path.join(ROOT, "main_finetune.py"), "--config",
+        bad = os.path.join(d, "bad.yaml")
+        with open(bad, "w") as f:
+            f.write("batch_size: 0\n")
+        errors = {"error_s": ["--lrr", "1e-3"],  # a mistyped flag
+                  "error_missing_path_s": ["--data_set", "image_folder", "--data_path", os.path.join(d, "nowhere")],
+                  "error_bad_config_s": ["--config", bad]}
+        out = {}
+        for key, argv in errors.items():
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                p = subprocess.run([sys.executable, script, *argv, "--output_dir", os.path.join(d, "e")],
+                                   capture_output=True, text=True, cwd=ROOT)
+                times.append(time.perf_counter() - t0)
+                assert p.returncode == 2 and p.stderr.startswith("error: "), p.stderr[-2000:]
+            out[key] = round(statistics.median(times), 3)
+        cmd = [sys.executable, script, "--config",
                os.path.join(ROOT, "configs", "demo_finetune.yaml"), "--print_freq", "1", "--output_dir", d]
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -519,7 +537,7 @@ def bench_startup(a):
                 break
         p.kill()
         p.wait()
-        return {"demo_first_step_s": round(first, 2) if first else None}
+        return {"demo_first_step_s": round(first, 2) if first else None, **out}
 
 
 def main():
@@ -538,7 +556,7 @@ def main():
     p.add_argument("--data_pipeline", action="store_true", help="measure JPEG decode + augmentation instead")
     p.add_argument("--data_images", type=int, default=256)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--startup", action="store_true", help="measure the README demo's time to first step")
+    p.add_argument("--startup", action="store_true", help="measure the README demo's time to first step, and a mistake's time to its error line")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="step memory and time of our fine-tuning and FCMAE steps with and without it instead")

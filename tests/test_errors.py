@@ -402,11 +402,11 @@ def test_fresh_interpreter_same_line(w):
 def test_internal_fault_keeps_its_traceback(w, tmp_path):
     """Not a user mistake: a fault inside the code is not turned into one line."""
     out = tmp_path / "run"
-    code = ("import sys, main_finetune\n"
+    code = ("import sys, main_finetune, util.train_loop\n"
             "from util.config import parse_args\n"
             "def broken(*a, **k):\n"
             "    raise RuntimeError('an internal fault')\n"
-            "main_finetune.train_one_epoch = broken\n"
+            "util.train_loop.train_one_epoch = broken\n"  # main_finetune imports it when it runs
             "main_finetune.main(parse_args(main_finetune.get_args_parser(), sys.argv[1:]))\n")
     p = subprocess.run([sys.executable, "-c", code, *FT, "--output_dir", str(out)], cwd=ROOT,
                        env=script_env(), capture_output=True, text=True, timeout=300)

@@ -72,9 +72,11 @@ class Choice:
 
 @dataclass(frozen=True)
 class Rule:
-    """A check of its own: `fn(args)` -> None or the message (may look at other flags)."""
+    """A check of its own: `fn(args)` -> None or the message (may look at other flags).
+    `needs_torch`: `fn` imports torch, timm or the models (the checks after the cheap ones)."""
     fn: object
     kinds: tuple = _BOTH
+    needs_torch: bool = False
 
     def describe(self):
         return (self.fn.__doc__ or self.fn.__name__).strip().splitlines()[0].rstrip(".")

@@ -4,7 +4,9 @@ hour is spent.
 
 `check_args(args, kind)`: flag values in range (the checks of the flag table, util/flags.py), paths that exist and can be read, an output
 directory that can be written, a known model and, for `--resume` / `--finetune`, a file that
-loads as data. `check_inputs(args, train_set, world_size, model_fn)`: needs the dataset (and
+loads as data. Its first part, `check_cheap`, imports no torch, timm or model (this module
+imports them only inside the functions that need them), so the entry points run it before they
+import those. `check_inputs(args, train_set, world_size, model_fn)`: needs the dataset (and
 the launch's world size): the batch fits the dataset, and a checkpoint to resume or fine-tune
 from fits the model, checked on a shape-only (meta device) copy of it.
 """
@@ -35,13 +37,24 @@ def _check_train_transform(args):
 
 
 def check_args(args, kind):
-    """Everything that can be checked from the flags and the file system alone."""
-    msg = first_failure(args, kind)  # every range and choice of the flag table
+    """Everything that can be checked from the flags and the file system alone: the cheap checks
+    first, then those that import torch, timm or the models."""
+    check_cheap(args, kind)
+    msg = first_failure(args, kind, needs_torch=True)  # e.g. --opt, --aa: names timm knows
     if msg:
         raise UserError(msg)
     if kind == "finetune":
         _check_train_transform(args)
     check_model_name(args.model, kind)
+
+
+def check_cheap(args, kind):
+    """The checks that import no torch, timm or model (the entry points run them before importing
+    those, so a mistake is one line at once): the flag table's ranges and choices, paths, and
+    writable folders."""
+    msg = first_failure(args, kind, needs_torch=False)
+    if msg:
+        raise UserError(msg)
     check_paths(args)  # --data_path / --eval_data_path: folders, or files for --data_set csv
     for flag in ("resume", "finetune"):
         path = getattr(args, flag, "")

@@ -1,9 +1,10 @@
 """What every kind of dataset provides (`DataKind`) and the checks the kinds share.
 
 A kind is one entry of the registry in util/data/__init__.py. It owns how its training and
-validation sets are built, its class count, and the checks that need no image: `check_paths`
-(the paths given exist and can be read; the scripts' flag checks) and `check` (what a launcher
-verifies before queueing a job, without listing a whole dataset on the submitting machine).
+validation sets are built, its class count, and `check` (what a launcher verifies before
+queueing a job, without listing a whole dataset on the submitting machine). The scripts' flag
+checks, that the paths given exist and can be read, are the registry entry's `paths`: one of
+`folder_paths` / `file_paths` here, which import no torch (a kind's own file may).
 """
 import os
 
@@ -14,7 +15,6 @@ class DataKind:
     """A dataset kind read from `--data_path` (a folder, unless a kind says otherwise)."""
 
     name = ""
-    needs_data_path = True
     data_path_help = "a folder with train/ and val/"
 
     def build(self, is_train, args, transform):
@@ -24,13 +24,6 @@ class DataKind:
     def num_classes(self, args):
         """The class count, found without reading an image."""
         raise NotImplementedError
-
-    def check_paths(self, args):
-        """--data_path and --eval_data_path, where given, are folders that can be read."""
-        if self.needs_data_path and args.data_path:
-            readable_dir(args.data_path, "--data_path")
-        if getattr(args, "eval_data_path", None):
-            readable_dir(args.eval_data_path, "--eval_data_path")
 
     def check(self, args):
         """The cheap part of `build`'s checks, made by a launcher before queueing."""
@@ -43,6 +36,27 @@ class DataKind:
         if not args.data_path:
             raise UserError(f"--data_set {args.data_set} needs --data_path ({self.data_path_help}); "
                             "or use --data_set synthetic")
+
+
+CSV_FILES = {"--data_path": "the training CSV", "--eval_data_path": "the validation CSV"}  # csv's path flags
+
+
+def folder_paths(args, data_path=True):
+    """--data_path (unless `data_path` is False: a kind that reads none) and --eval_data_path,
+    where given, are folders that can be read."""
+    if data_path and args.data_path:
+        readable_dir(args.data_path, "--data_path")
+    if getattr(args, "eval_data_path", None):
+        readable_dir(args.eval_data_path, "--eval_data_path")
+
+
+def file_paths(args, what):
+    """--data_path and --eval_data_path, where given, are files that can be read; `what`: flag
+    -> the file it names, for the fix (e.g. "the training CSV")."""
+    for flag in ("--data_path", "--eval_data_path"):
+        path = getattr(args, flag[2:], None)
+        if path:
+            readable_file(path, flag, f"give the path of {what[flag]}")
 
 
 def needs_val(args):

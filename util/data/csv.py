@@ -13,11 +13,11 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import default_loader
 
 from util.data.bad_images import ReplacesUnreadable
-from util.data.base import DataKind, needs_val, readable_file
+from util.data.base import CSV_FILES, DataKind, needs_val, readable_file
 from util.errors import UserError
 
 COLUMNS = ("path", "label")
-_WHAT = {"--data_path": "the training CSV", "--eval_data_path": "the validation CSV"}
+_WHAT = CSV_FILES
 
 
 def read_list(path, flag):
@@ -76,13 +76,6 @@ class CsvImages(ReplacesUnreadable, Dataset):
 class CsvKind(DataKind):
     name = "csv"
     data_path_help = "the training CSV file, whose header row names path,label"
-
-    def check_paths(self, args):
-        """Both flags name files here, not folders."""
-        for flag in ("--data_path", "--eval_data_path"):
-            path = getattr(args, flag[2:], None)
-            if path:
-                readable_file(path, flag, f"give the path of {_WHAT[flag]}")
 
     def check(self, args):
         """Reads the file lists (no image): columns, and validation classes known to training."""

@@ -85,7 +85,6 @@ class SyntheticKind(DataKind):
     """--data_set synthetic: no path; --synthetic_* flags choose the images."""
 
     name = "synthetic"
-    needs_data_path = False
 
     def build(self, is_train, args, transform):
         n = args.synthetic_train_samples if is_train else args.synthetic_val_samples

@@ -17,6 +17,7 @@ from util.slurm.job import Trainer
 from util.slurm.partition import check_partition
 from util.slurm.rundir import record_job, resolve_new_run
 from util.slurm.wait import active_job, wait_for
+from util.validate import check_cheap
 
 
 @dataclasses.dataclass
@@ -39,6 +40,7 @@ def check_launch(kind, module_name, argv=None):
     args = parse_args(launcher_parser(module), argv)
     check_launch_flags(args)
     margs = split_args(args)
+    check_cheap(margs, kind)  # no torch yet: a mistake is one line at once
     if hasattr(module, "validate_args"):
         module.validate_args(margs)
     check_inputs(module, margs)
