@@ -25,7 +25,8 @@ def pretrained(tmp_path_factory):
 def test_pretraining_loss_falls_and_outputs_exist(pretrained):
     log = read_log(pretrained)
     assert [e["epoch"] for e in log] == [0, 1, 2, 3]
-    assert {"train_loss", "train_lr", "train_img_per_s", "epoch"} <= set(log[0])
+    assert {"train_loss", "train_lr", "train_img_per_s", "train_data_wait", "epoch"} <= set(log[0])
+    assert all(0 <= e["train_data_wait"] < 1 for e in log)  # the share of the epoch spent waiting for batches
     assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.02
     assert run_record(pretrained)["status"] == "completed"
     assert os.path.exists(pretrained / "checkpoint-3.pth")

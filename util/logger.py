@@ -39,13 +39,17 @@ class StepMeter:
         return {k: self.avg(k) for k in self.meters}
 
 
-def progress_line(header, step, total, start_time, step_in_run, meter, img_per_s):
+def progress_line(header, step, total, start_time, step_in_run, meter, img_per_s, data_wait=None):
+    """One console line: progress, eta, each meter's last value (average), img/s and the share
+    of the time since the last line spent waiting for data."""
     elapsed = time.time() - start_time
     eta = elapsed / max(step_in_run, 1) * (total - step)
     parts = [f"{header} [{step}/{total}]", f"eta {datetime.timedelta(seconds=int(eta))}"]
     for k, v in meter.last.items():
         parts.append(f"{k} {v:.4g} ({meter.avg(k):.4g})")
     parts.append(f"{img_per_s:.1f} img/s")
+    if data_wait is not None:
+        parts.append(f"data {100 * data_wait:.0f}%")
     return "  ".join(parts)
 
 

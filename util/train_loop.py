@@ -141,6 +141,7 @@ class _Tally:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
         self.n_steps, self.images_since_log = 0, 0
+        self.data_s = self.data_s_log = 0.0   # seconds the loop waited for its batches
         self.t0 = self.t_log = time.time()
 
     def add(self, step, out):
@@ -157,7 +158,25 @@ class _Tally:
         stats["loss"] = float(self.loss_sum) / max(self.n_steps, 1)
         stats["lr"] = max(g["lr"] for g in optimizer.param_groups)
         stats["img_per_s"] = self.n_steps * (batch_size or 1) * world_size / max(elapsed, 1e-9)
+        stats["data_wait"] = self.data_s / max(elapsed, 1e-9)
         return stats
+
+
+def _timed(loader, tally):
+    """The loader's batches, adding the time spent waiting for each to `tally.data_s`: the share
+    of an epoch a device waits on data (on CUDA the host runs ahead of the device, so a loop that
+    keeps the GPU busy waits here only when the loader is behind)."""
+    it = iter(loader)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        waited = time.perf_counter() - t
+        tally.data_s += waited
+        tally.data_s_log += waited
+        yield batch
 
 
 def train_one_epoch(model, loss_fn, data_loader, optimizer, device, epoch, st: LoopState,
@@ -171,7 +190,7 @@ def train_one_epoch(model, loss_fn, data_loader, optimizer, device, epoch, st: L
     tally = _Tally(device)
     optimizer.zero_grad(set_to_none=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    for step, batch in enumerate(data_loader, start=start_step):
+    for step, batch in enumerate(_timed(data_loader, tally), start=start_step):
         if step >= total:
             break
         log_now = (step + 1) % st.print_freq == 0 or step + 1 == total
@@ -196,19 +215,20 @@ def _log_line(st, tally, out, optimizer, device, header, step, total, epoch):
         st.checks()
     now = time.time()
     ips = tally.images_since_log * st.world_size / max(now - tally.t_log, 1e-9)
+    data_wait = tally.data_s_log / max(now - tally.t_log, 1e-9)
     vals = {"loss": out.loss.item(), "lr": max(g["lr"] for g in optimizer.param_groups)}
     if out.grad_norm is not None:
         vals["grad_norm"] = float(out.grad_norm)
     vals.update({k: float(v) for k, v in (out.extras or {}).items()})
     tally.meter.update(**vals)
     tally.meter.set_average("loss", float(tally.loss_sum) / max(tally.n_steps, 1))  # the steps log.txt averages
-    info(progress_line(header, step + 1, total, tally.t0, tally.n_steps, tally.meter, ips))
+    info(progress_line(header, step + 1, total, tally.t0, tally.n_steps, tally.meter, ips, data_wait))
     if st.tb is not None:
         gstep = epoch * st.updates_per_epoch + (step + 1) // st.update_freq
         mem = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
-        st.tb.scalars(gstep, prefix="train/", img_per_s=ips, peak_mem_mb=mem, min_lr=min(
+        st.tb.scalars(gstep, prefix="train/", img_per_s=ips, data_wait=data_wait, peak_mem_mb=mem, min_lr=min(
             g["lr"] for g in optimizer.param_groups), **vals)
-    tally.t_log, tally.images_since_log = now, 0
+    tally.t_log, tally.images_since_log, tally.data_s_log = now, 0, 0.0
 
 
 def _poll_stop(st, tally, epoch, step):
