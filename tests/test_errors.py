@@ -244,6 +244,8 @@ RANGE_ROWS = [
      "--train_interpolation 'foo' is unknown; use one of random, bicubic, bilinear"),
     ("remode", F, ["--remode", "foo", "--reprob", "0.5"], "--remode 'foo' is unknown; use one of pixel, rand, const"),
     ("mixup_mode", F, ["--mixup_mode", "foo"], "--mixup_mode 'foo' is unknown; use one of batch, pair, elem"),
+    ("device_transforms", F, ["--device_transforms", "gpu"],
+     "--device_transforms 'gpu' is unknown; use one of auto, true, false"),
     ("opt", F, ["--opt", "adamx"], "--opt 'adamx' is not an optimizer timm knows (did you mean adamax"),
     ("aa", F, ["--aa", "bogus-policy"], "--aa 'bogus-policy' is not a timm augmentation policy"),
     ("aa_bad_section", F, ["--aa", "rand-m9-x3"], "--aa 'rand-m9-x3' is not a timm augmentation policy"),

@@ -1,5 +1,6 @@
 """util/runs.py: signatures, run directories, run.json and `python -m util.runs`."""
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -433,10 +434,27 @@ def test_a_new_flag_at_its_default_changes_no_signature(monkeypatch):
     assert runs.signature(parse_args(p, ["--mixup", "0.8", "--brand_new_knob", "4"]), 1, "finetune") != base
 
 
+RECORDED_DEFAULTS = os.path.join(os.path.dirname(__file__), "fixtures", f"outcome_defaults_v{runs.SIGNATURE_VERSION}.json")
+
+
+def _recorded_defaults():
+    with open(RECORDED_DEFAULTS) as f:
+        return json.load(f)
+
+
 def test_changing_a_default_needs_a_signature_version_bump():
     """A signature hashes what differs from the defaults, so a changed default silently changes
-    what a signature means. If this fails: bump SIGNATURE_VERSION in util/runs.py, set
-    DEFAULTS_FINGERPRINT to runs.defaults_fingerprint(), and say so in docs/runs.md."""
-    assert runs.defaults_fingerprint() == runs.DEFAULTS_FINGERPRINT, (
-        f"a default changed: bump SIGNATURE_VERSION ({runs.SIGNATURE_VERSION}) and set DEFAULTS_FINGERPRINT "
-        f"to {runs.defaults_fingerprint()!r}")
+    what a signature means. If this fails: bump SIGNATURE_VERSION in util/runs.py, record the
+    new version's defaults (runs.outcome_defaults() into tests/fixtures/outcome_defaults_v<N>.json)
+    and say so in docs/runs.md."""
+    now = runs.outcome_defaults()
+    changed = {k: (v, now[k]) for k, v in _recorded_defaults().items() if k in now and now[k] != v}
+    assert not changed, f"defaults changed (recorded, now): {changed}; bump SIGNATURE_VERSION"
+
+
+def test_a_new_outcome_flag_is_recorded_with_its_default():
+    """Adding a flag whose default keeps today's behaviour changes no signature (no bump), but
+    its default joins the record, so that changing it later is caught by the test above."""
+    missing = sorted(set(runs.outcome_defaults()) - set(_recorded_defaults()))
+    assert not missing, (f"{missing}: add them with their defaults to {RECORDED_DEFAULTS} "
+                         "(runs.outcome_defaults() gives them)")
