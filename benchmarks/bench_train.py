@@ -478,31 +478,11 @@ def bench_checkpointing(a):
 
 
 def bench_data(a):
-    """JPEGs written here, decoded and augmented by our training transforms."""
-    from torch.utils.data import DataLoader
-    from main_finetune import get_args_parser
-    from util.config import parse_args
-    from util.data import build_dataset
-    from util.data import SyntheticShapes
-    with tempfile.TemporaryDirectory() as d:
-        src = SyntheticShapes("train", a.data_images, 320)
-        for split in ("train", "val"):
-            for i in range(a.data_images):
-                folder = os.path.join(d, split, f"c{src.label(i)}")
-                os.makedirs(folder, exist_ok=True)
-                src.image(i).resize((400, 320)).save(os.path.join(folder, f"{i}.jpg"), quality=90)
-        args = parse_args(get_args_parser(), ["--data_set", "image_folder", "--data_path", d,
-                                              "--input_size", str(a.input_size)])
-        ds, _ = build_dataset(True, args)
-        out = {}
-        for w in a.workers:
-            loader = DataLoader(ds, batch_size=32, num_workers=w, shuffle=True)
-            t0 = time.perf_counter()
-            n = sum(x.shape[0] for x, _ in loader)
-            rate = n / (time.perf_counter() - t0)
-            out[f"workers_{w}_img_per_s"] = round(rate, 1)
-            out[f"workers_{w}_img_per_s_per_worker"] = round(rate / max(w, 1), 1)
-        return out
+    """Our training data pipeline (uint8 + --jpeg_draft) against torchvision ImageFolder + timm's
+    create_transform, on --data_path or a generated ImageNet-like JPEG set (benchmarks/bench_data.py)."""
+    from benchmarks.bench_data import run_on
+    return run_on(a.data_path, a.data_images, workers=[w for w in a.workers if w > 0] or [1],
+                  input_size=a.input_size)
 
 
 def bench_startup(a):
@@ -554,8 +534,10 @@ def main():
                    help="the device's dense bf16 peak for the MFU estimate (default: a table of known GPUs)")
     p.add_argument("--no_malloc_tuning", action="store_true", help="keep glibc's default allocator settings")
     p.add_argument("--data_pipeline", action="store_true", help="measure JPEG decode + augmentation instead")
+    p.add_argument("--data_path", default=None, help="--data_pipeline: an image folder (train/<class>/*.jpg; "
+                   "default: a generated one of --data_images JPEGs)")
     p.add_argument("--data_images", type=int, default=256)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--startup", action="store_true", help="measure the README demo's time to first step, and a mistake's time to its error line")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--grad_checkpointing", action="store_true",

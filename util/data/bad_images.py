@@ -97,9 +97,15 @@ def summary(log):
             f"({n_val} in validation), listed in {log.path}")
 
 
-def _load(loader, path):
-    """The image, decoded now: PIL opens lazily, so a damaged file fails here, not in a transform."""
+def _load(loader, path, transform=None):
+    """The image, decoded now: PIL opens lazily, so a damaged file fails here, not in a transform.
+    With --jpeg_draft the transform decodes it itself (util/data/decode.py): the image stays
+    undecoded here, and a decoding error is an UnreadableImage from the transform."""
     sample = loader(path)
+    if getattr(transform, "decodes", False):  # util/data/decode.draft_first's mark
+        return sample
+    if getattr(loader, "lazy", False):
+        return loader.finish(sample)
     sample.load() if hasattr(sample, "load") else None
     return sample
 
@@ -124,11 +130,16 @@ class ReplacesUnreadable:
             i = (index + attempt) % len(self.samples)
             path, target = self.samples[i]
             try:
-                sample = _load(self.loader, path)
+                sample = _load(self.loader, path, self.transform)
             except Exception as e:  # corrupt or unreadable file: a user's data, not our fault
                 self.bad_log.add(path, e)
                 continue
             if self.transform is not None:
-                sample = self.transform(sample)
+                from util.data.decode import UnreadableImage
+                try:
+                    sample = self.transform(sample)
+                except UnreadableImage as e:  # opened, failed to decode in the transform (--jpeg_draft)
+                    self.bad_log.add(path, e)
+                    continue
             return sample, target
         raise UserError("no readable image in the dataset; check the files under the data path")

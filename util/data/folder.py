@@ -14,11 +14,14 @@ class SafeImageFolder(ReplacesUnreadable, datasets.ImageFolder):
     """ImageFolder that replaces an unreadable image by the next readable one and logs it."""
 
 
-def _image_folder(root, transform, what):
+def _image_folder(root, transform, what, lazy=False):
     if not os.path.isdir(root):
         raise UserError(f"{what} folder {root} does not exist; --data_path must hold train/ and val/ "
                         "class folders (or give --eval_data_path)")
     try:
+        if lazy:  # --jpeg_draft: files opened, not decoded; the transform decodes (util/data/decode.py)
+            from util.data.decode import LazyLoader
+            return SafeImageFolder(root, transform=transform, loader=LazyLoader())
         return SafeImageFolder(root, transform=transform)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
         raise UserError(f"{what} folder {root}: {e}; every class folder needs at least one image") from None
@@ -38,7 +41,8 @@ class ImageFolderKind(DataKind):
             root = os.path.join(args.data_path, "train")
         else:
             root = args.eval_data_path or os.path.join(args.data_path, "val")
-        ds = _image_folder(root, transform, "training" if is_train else "validation")
+        ds = _image_folder(root, transform, "training" if is_train else "validation",
+                           lazy=bool(getattr(args, "jpeg_draft", False)))
         return ds, len(ds.classes)
 
     def num_classes(self, args):

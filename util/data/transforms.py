@@ -42,6 +42,15 @@ def _guard_posterize(transform):
     return transform
 
 
+def _draft(transform, args):
+    """--jpeg_draft: the first op (random resized crop or resize) decodes a lazily opened JPEG at
+    reduced size when its output is that much smaller anyway (util/data/decode.py)."""
+    if not getattr(args, "jpeg_draft", False):
+        return transform
+    from util.data.decode import draft_first
+    return draft_first(transform)
+
+
 def mean_std(args):
     return ((IMAGENET_MEAN, IMAGENET_STD) if args.imagenet_default_mean_and_std
             else (INCEPTION_MEAN, INCEPTION_STD))
@@ -61,11 +70,11 @@ def build_transform(is_train, args, uint8=False):
     if is_train:
         from timm.data import create_transform
         aa = args.aa if args.aa not in (None, "", "none", "None") else None
-        return _guard_posterize(create_transform(
+        return _draft(_guard_posterize(create_transform(
             input_size=size, is_training=True, color_jitter=args.color_jitter, auto_augment=aa,
             scale=tuple(getattr(args, "scale", (0.08, 1.0))),
             interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
-            re_count=args.recount, mean=mean, std=std, use_prefetcher=uint8))
+            re_count=args.recount, mean=mean, std=std, use_prefetcher=uint8)), args)
     steps = []
     if size >= 384:  # as in the original: no crop at large sizes
         steps.append(transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC))
@@ -73,13 +82,13 @@ def build_transform(is_train, args, uint8=False):
         crop_pct = args.crop_pct if args.crop_pct else 224 / 256
         steps += [transforms.Resize(int(size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
                   transforms.CenterCrop(size)]
-    return transforms.Compose(steps + _to_tensor(uint8, mean, std))
+    return _draft(transforms.Compose(steps + _to_tensor(uint8, mean, std)), args)
 
 
 def build_pretrain_transform(args, uint8=False):
     """The original FCMAE augmentation: RandomResizedCrop(0.2-1, bicubic) + horizontal flip."""
     mean, std = mean_std(args)
-    return transforms.Compose([
+    return _draft(transforms.Compose([
         transforms.RandomResizedCrop(args.input_size, scale=(0.2, 1.0),
                                      interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip()] + _to_tensor(uint8, mean, std))
+        transforms.RandomHorizontalFlip()] + _to_tensor(uint8, mean, std)), args)

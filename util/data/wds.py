@@ -162,12 +162,14 @@ class ShardSamples(ReplacesUnreadable, Dataset):
         return f"{self.paths[self.where[i, 0]]}:{self.keys[i]}"
 
     def loader(self, ref):
-        """The image of sample `ref.index`, decoded now (a damaged one fails here)."""
+        """The image of sample `ref.index`, decoded now (a damaged one fails here; with --jpeg_draft opened only)."""
         shard, offset, size = (int(v) for v in self.where[ref.index])
         data = os.pread(self._fd(shard), size, offset)
         if len(data) != size:
             raise OSError(f"short read ({len(data)} of {size} bytes)")
         img = Image.open(io.BytesIO(data))
+        if getattr(self.transform, "decodes", False):  # --jpeg_draft: the transform decodes (util/data/decode.py)
+            return img
         img.load()
         return img.convert("RGB")
 

@@ -1,0 +1,205 @@
+"""--jpeg_draft: a JPEG whose crop is shrunk at least 2x anyway is decoded at 1/2, 1/4 or 1/8
+size (libjpeg's DCT scaling, Pillow's `Image.draft`), and the crop box is mapped onto the
+smaller image.
+
+The image file is opened lazily (`LazyLoader`: the header only, so the size is known), the
+transform's first op draws its crop exactly as without the flag (the same get_params, the same
+RNG, the same order), asks for the largest reduction that keeps the crop at least as large as
+its output in both directions, decodes, and resizes the mapped box in one Pillow call. When the
+reduction would be 1 (crop shrunk < 2x), or the image is not a JPEG, or it is decoded already,
+the op's pixels are those of the op it replaces. A file that fails to decode raises
+`UnreadableImage`, which the datasets count and replace like an image that fails to open
+(util/data/bad_images.py)."""
+import random
+
+from PIL import Image
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms
+from torchvision.transforms import functional as F
+
+SCALES = (8, 4, 2)  # libjpeg's DCT scaling factors Pillow's draft uses (1 = no reduction)
+
+
+class UnreadableImage(OSError):
+    """An image that opened (its header is fine) but failed to decode, in a transform."""
+
+
+class LazyLoader:
+    """An image folder's loader: opens the file without decoding it (the transform decodes)."""
+    lazy = True
+
+    def __call__(self, path):
+        return Image.open(path)
+
+    @staticmethod
+    def finish(img):
+        """The image decoded in RGB, for a transform that does not decode itself."""
+        return decode_rgb(img)
+
+
+def decode_rgb(img):
+    """`img` decoded now, in RGB (no copy when it is RGB already); a decoding error is UnreadableImage."""
+    try:
+        img.load()
+    except Exception as e:  # truncated or corrupt data: the user's file, counted and replaced
+        raise UnreadableImage(f"{type(e).__name__}: {e}") from e
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def reduction(img, shrink):
+    """The draft scale (8, 4, 2 or 1) for an image whose crop is shrunk `shrink` times; 1 unless
+    `img` is a JPEG not yet decoded and Pillow's draft would choose exactly that scale."""
+    if shrink < 2 or getattr(img, "format", None) != "JPEG" or len(getattr(img, "tile", ())) != 1:
+        return 1, None
+    w, h = img.size
+    for s in SCALES:
+        if s > shrink:
+            continue
+        req = (max(1, w // s), max(1, h // s))
+        got = min(w // req[0], h // req[1])
+        if next((c for c in SCALES if got >= c), 1) == s:
+            return s, req
+    return 1, None
+
+
+def drafted(img, shrink):
+    """Decode `img` (a lazily opened image) at the largest reduction its crop allows; returns the
+    RGB image and the factor mapping full-size coordinates onto it (1.0: decoded at full size)."""
+    s, req = reduction(img, shrink)
+    full_w = img.size[0]
+    ratio = 1.0
+    if s > 1:
+        got = img.draft("RGB", req)
+        if got is not None:
+            ratio = got[1][2] / full_w  # Pillow's box of the whole image on the reduced one: 1 / s
+    return decode_rgb(img), ratio
+
+
+def _pil_interp(interpolation):
+    if isinstance(interpolation, int):
+        return interpolation
+    return F.pil_modes_mapping[interpolation]
+
+
+def resized_box(img, ratio, box, size, interpolation):
+    """The crop `box` (left, top, right, bottom on the full-size image) of `img` (decoded at
+    `ratio` of its full size) resized to `size` (w, h)."""
+    if ratio == 1.0:
+        left, top, right, bottom = box
+        return F.resized_crop(img, top, left, bottom - top, right - left, [size[1], size[0]], interpolation)
+    return img.resize(size, _pil_interp(interpolation), box=tuple(v * ratio for v in box))
+
+
+class DraftRandomResizedCrop(RandomResizedCropAndInterpolation):
+    """timm's RandomResizedCropAndInterpolation (fine-tuning), drafting the decode."""
+
+    hits = calls = 0  # per process: how often the draft fired (the benchmark's hit rate)
+
+    @classmethod
+    def like(cls, op):
+        new = cls.__new__(cls)
+        new.__dict__.update(op.__dict__)
+        return new
+
+    def __call__(self, img):
+        i, j, h, w = self.get_params(img, self.scale, self.ratio)
+        if isinstance(self.interpolation, (tuple, list)):
+            interpolation = random.choice(self.interpolation)
+        else:
+            interpolation = self.interpolation
+        return _crop(self, img, (j, i, j + w, i + h), interpolation)
+
+
+class DraftTorchvisionRandomResizedCrop(transforms.RandomResizedCrop):
+    """torchvision's RandomResizedCrop (FCMAE pretraining: its torch RNG draws), drafting the decode."""
+
+    hits = calls = 0
+
+    @classmethod
+    def like(cls, op):
+        new = cls.__new__(cls)
+        new.__dict__.update(op.__dict__)
+        return new
+
+    def forward(self, img):
+        i, j, h, w = self.get_params(img, self.scale, self.ratio)
+        return _crop(self, img, (j, i, j + w, i + h), self.interpolation)
+
+
+def _crop(op, img, box, interpolation):
+    out_h, out_w = op.size if isinstance(op.size, (tuple, list)) else (op.size, op.size)
+    shrink = min((box[2] - box[0]) / out_w, (box[3] - box[1]) / out_h)
+    img, ratio = drafted(img, shrink)
+    type(op).calls += 1
+    type(op).hits += ratio != 1.0
+    return resized_box(img, ratio, box, (out_w, out_h), interpolation)
+
+
+def resize_size(w, h, size, max_size=None):
+    """(w, h) that torchvision's Resize(size) gives an image of w x h."""
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return size[1], size[0]
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    if max_size is not None and new_long > max_size:
+        new_short, new_long = int(max_size * new_short / new_long), max_size
+    return (new_short, new_long) if w <= h else (new_long, new_short)
+
+
+class DraftResize(transforms.Resize):
+    """torchvision's Resize (evaluation: before the centre crop), drafting the decode."""
+
+    hits = calls = 0
+
+    @classmethod
+    def like(cls, op):
+        new = cls.__new__(cls)
+        new.__dict__.update(op.__dict__)
+        return new
+
+    def forward(self, img):
+        w, h = img.size
+        out_w, out_h = resize_size(w, h, self.size, self.max_size)
+        img, ratio = drafted(img, min(w / out_w, h / out_h))
+        type(self).calls += 1
+        type(self).hits += ratio != 1.0
+        if ratio == 1.0:
+            return F.resize(img, [out_h, out_w], self.interpolation)
+        return img.resize((out_w, out_h), _pil_interp(self.interpolation), box=(0, 0, w * ratio, h * ratio))
+
+
+DRAFTS = ((RandomResizedCropAndInterpolation, DraftRandomResizedCrop),
+          (transforms.RandomResizedCrop, DraftTorchvisionRandomResizedCrop),
+          (transforms.Resize, DraftResize))
+
+
+def draft_first(transform):
+    """`transform` (a Compose) with its first op, a random resized crop or a resize, replaced by
+    its drafting twin; the Compose is marked `decodes` (its first op decodes a lazily opened
+    image). Returned unchanged when the first op is none of those."""
+    ops = getattr(transform, "transforms", None)
+    if not ops:
+        return transform
+    for plain, twin in DRAFTS:
+        if type(ops[0]) is plain:
+            ops[0] = twin.like(ops[0])
+            transform.decodes = True
+            break
+    return transform
+
+
+def decodes(transform):
+    """Whether `transform` decodes a lazily opened image itself (draft_first replaced its first op)."""
+    return bool(getattr(transform, "decodes", False))
+
+
+def draft_counts():
+    """{op name: (fired, calls)} in this process, for the benchmark's hit rate."""
+    return {twin.__name__: (twin.hits, twin.calls) for _, twin in DRAFTS}
+
+
+def reset_counts():
+    for _, twin in DRAFTS:
+        twin.hits = twin.calls = 0
+
