@@ -119,6 +119,11 @@ def test_corrupt_sample_is_replaced_and_counted(shards, tmp_path):
     bad = ds.keys.index(m.name.split(".")[0])
     assert ds[bad] == ds[bad + 1]  # the next readable sample in its place
     assert ds.bad_log.found() == [("train", f"{shard}:{ds.keys[bad]}")]
+    # a relaunch keeps the sample on the list while it is still corrupt (the count carries over)
+    assert BadImageLog.recheck(ds.bad_log.path, lambda split, name: ds.still_unreadable(name)) == \
+        [("train", f"{shard}:{ds.keys[bad]}")]
+    assert not ds.still_unreadable(f"{shard}:{ds.keys[bad + 1]}")      # a good sample
+    assert not ds.still_unreadable(f"{out}/train-999999.tar:{ds.keys[bad]}")  # shards written anew
 
 
 @pytest.mark.parametrize("case,fragment", [

@@ -111,7 +111,7 @@ TABLE = (
     _flag("use_amp", False, str2bool, "autocast: bf16 where supported, fp16 with a loss scaler otherwise"),
     # ------------------------------------------------------------ data
     _flag("data_path", "", str, "dataset: a folder with train/ and val/ class folders (image_folder, IMNET, "
-                                "CIFAR) or the training CSV (csv)"),
+                                "CIFAR), a folder of tar shards and classes.json (wds) or the training CSV (csv)"),
     _flag("data_set", "IMNET", str, "the kind of dataset: {data_sets} (synthetic is built in)"),
     _flag("imagenet_default_mean_and_std", True, str2bool, "normalise with ImageNet's mean and std (False: 0.5)"),
     _flag("crop_pct", None, float, PerScript("evaluation centre-crop fraction (default 224/256 below 384 px)",

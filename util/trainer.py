@@ -130,11 +130,16 @@ class Task:
             from util.data import BadImageLog
             path = os.path.join(run_dir, "bad_images.txt")
             if du.is_main_process():
-                BadImageLog.recheck(path, getattr(self.train_set, "loader", None))
+                BadImageLog.recheck(path, self._still_unreadable)
             du.barrier()  # no rank reads or appends to the list before the re-check is done
             self.train_set.bad_log = BadImageLog(path, "train")
             if hasattr(self.val_set, "bad_log"):
                 self.val_set.bad_log = BadImageLog(path, "val")
+
+    def _still_unreadable(self, split, image):
+        """An entry of an earlier launch's bad-image list, asked of the set it came from."""
+        ds = self.val_set if split == "val" and hasattr(self.val_set, "still_unreadable") else self.train_set
+        return ds.still_unreadable(image)
 
     def bad_image_summary(self):
         """"; N unreadable images replaced (...), listed in <list>" for a run's last line, or ""."""

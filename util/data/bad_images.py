@@ -62,22 +62,27 @@ class BadImageLog:
         return sorted({self.parse(e)[:2] for e in self.entries()})
 
     @classmethod
-    def recheck(cls, path, loader=None):
+    def recheck(cls, path, still_unreadable=None):
         """At launch, before any image is read: keep on the list only the images that are still
         unreadable (one line each); fixed or removed ones leave it, so a run stopped by
-        --max_bad_images resumes once they are fixed. The list as it was is kept beside it as
-        `<name>.previous.txt`. Returns the (split, image path) pairs still listed."""
+        --max_bad_images resumes once they are fixed. `still_unreadable(split, image)` says so
+        for one entry (default: an image file that exists and does not decode; a dataset's own
+        `still_unreadable` knows its names, e.g. `shard.tar:key`). The list as it was is kept
+        beside it as `<name>.previous.txt`. Returns the (split, image path) pairs still listed."""
         if not os.path.exists(path):
             return []
-        if loader is None:
-            from torchvision.datasets.folder import default_loader as loader
+        if still_unreadable is None:
+            from torchvision.datasets.folder import default_loader
+
+            def still_unreadable(split, image):
+                return os.path.exists(image) and not _readable(image, default_loader)
         kept, seen = [], set()
         for line in cls(path).entries():
             split, image, _ = cls.parse(line)
             if (split, image) in seen:
                 continue
             seen.add((split, image))
-            if os.path.exists(image) and not _readable(image, loader):
+            if still_unreadable(split, image):
                 kept.append(line if line.startswith(f"{split}\t") else f"{split}\t{line}")
         from util.atomic import atomic_write_text
         root, ext = os.path.splitext(path)
@@ -124,6 +129,10 @@ class ReplacesUnreadable:
     directory's list once util/run_context.attach_bad_image_log set it)."""
 
     bad_log = BadImageLog()
+
+    def still_unreadable(self, name):
+        """Whether an image an earlier launch listed is still there and still fails to decode."""
+        return os.path.exists(name) and not _readable(name, self.loader)
 
     def __getitem__(self, index):
         for attempt in range(len(self.samples)):

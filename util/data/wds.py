@@ -161,6 +161,16 @@ class ShardSamples(ReplacesUnreadable, Dataset):
     def name(self, i):
         return f"{self.paths[self.where[i, 0]]}:{self.keys[i]}"
 
+    def still_unreadable(self, name):
+        """`shard.tar:key` of an earlier launch's bad-image list: still in these shards and unreadable?"""
+        from util.data.bad_images import _readable
+        shard, _, key = name.rpartition(":")
+        if shard not in self.paths:
+            return False
+        rows = np.flatnonzero(self.where[:, 0] == self.paths.index(shard))
+        index = next((int(i) for i in rows if self.keys[i] == key), None)
+        return index is not None and not _readable(SampleRef(index, self), self.loader)
+
     def loader(self, ref):
         """The image of sample `ref.index`, decoded now (a damaged one fails here; with --jpeg_draft opened only)."""
         shard, offset, size = (int(v) for v in self.where[ref.index])
