@@ -2,14 +2,16 @@
 # Issue 15's GPU check, one prepared script: the CUDA tests (tests/test_cuda.py) and
 # benchmarks/bench_train.py for convnextv2_tiny and convnextv2_base at 224 px, bf16, channels_last,
 # eager and compiled (fine-tuning, pretraining, evaluation and the plain timm loop in each run),
-# and a torch.profiler top-kernels table of tiny's fine-tuning step.
+# and a torch.profiler top-kernels table of tiny's fine-tuning step; last, the loader into the
+# device (benchmarks/bench_loader.py: the real script on generated JPEGs, uint8 batches finished
+# on the GPU against float batches from the workers: img/s and the share of time spent waiting).
 #
 #   benchmarks/gpu_check.sh OUTDIR [--budget SECONDS] [--only STAGES] [--cpu-smoke] [--dry-run]
 #
 #   --budget S    total seconds (default 480); a stage starts only if its minimum fits in what is
 #                 left, and each stage runs under its own timeout, cut to what is left
 #   --only LIST   comma-separated stages to run (default: all, in this order):
-#                 env,bench_tiny_eager,tests,bench_tiny_compiled,bench_base_eager,bench_base_compiled
+#                 env,bench_tiny_eager,tests,bench_tiny_compiled,bench_base_eager,bench_base_compiled,loader
 #   --cpu-smoke   the same stages tiny, on the CPU (CUDA hidden; CUDA_TESTS_DEVICE=cpu; the
 #                 compiled stages with TORCH_COMPILE_DISABLE=1, which a CPU cannot afford here):
 #                 checks the script end to end without a GPU
@@ -42,7 +44,7 @@ case "$BUDGET" in ''|*[!0-9]*) echo "error: --budget takes whole seconds, got $B
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT" || exit 2
 PY="${PYTHON:-python3}"
-STAGES="env bench_tiny_eager tests bench_tiny_compiled bench_base_eager bench_base_compiled"
+STAGES="env bench_tiny_eager tests bench_tiny_compiled bench_base_eager bench_base_compiled loader"
 if [ -n "$ONLY" ]; then
     for s in ${ONLY//,/ }; do
         case " $STAGES " in *" $s "*) ;; *) echo "error: unknown stage $s (stages: $STAGES)" >&2; exit 2 ;; esac
@@ -55,17 +57,19 @@ if [ "$SMOKE" = 1 ]; then
     export CUDA_VISIBLE_DEVICES="" CUDA_TESTS_DEVICE=cpu
     MODELS_tiny=convnextv2_atto MODELS_base=convnextv2_atto
     BENCH_SIZE=(--input_size 64 --batch_size 2 --steps 1 --rounds 1)
+    LOADER=(--models convnextv2_atto --images 64 --input_size 64 --batch_size 8 --workers 1)
     XDIST=()
 else
     MODELS_tiny=convnextv2_tiny MODELS_base=convnextv2_base
     BENCH_SIZE=(--input_size 224 --batch_size 128 --steps 4 --rounds 5)
+    LOADER=(--models convnextv2_tiny convnextv2_base --images 4096 --input_size 224 --batch_size 128)
     XDIST=(-n 4 --dist load)  # dropped below when pytest-xdist is missing
     export TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-$(nproc)}"
 fi
 
 # stage -> "minimum seconds to start it, its timeout"
 declare -A LIMITS=([env]="10 60" [bench_tiny_eager]="40 100" [tests]="60 200" [bench_tiny_compiled]="90 200"
-                   [bench_base_eager]="40 100" [bench_base_compiled]="90 260")
+                   [bench_base_eager]="40 100" [bench_base_compiled]="90 260" [loader]="60 150")
 WARM_TIMEOUT=300
 [ "$SMOKE" = 1 ] && LIMITS[tests]="60 1200" && BUDGET=$(( BUDGET < 1800 ? 1800 : BUDGET )) && WARM_TIMEOUT=900
 
@@ -117,6 +121,7 @@ stage_cmd() {
         tests) printf '%q ' "$PY" -m pytest -o addopts= -p no:cacheprovider -v -rA "${XDIST[@]}" \
                     --junitxml "$OUT/test_cuda.xml" tests/test_cuda.py ;;
         bench_*_*) local m="${1#bench_}"; bench_cmd "${m%_*}" "${m#*_}" ;;
+        loader) printf '%q ' "$PY" benchmarks/bench_loader.py "${LOADER[@]}" --out "$TMP/loader_device.json" ;;
     esac
 }
 
@@ -240,6 +245,9 @@ keys = ("finetune_vs_plain", "mfu", "plain_timm_mfu", "pretrain_step_vs_finetune
         "finetune_img_per_s", "plain_timm_img_per_s", "finetune_first_step_s", "peak_mem_mb",
         "compile_fell_back", "compile_graph_breaks", "profile_grn_share", "profile_layer_norm_share")
 for name, b in bench.items():
+    if name.startswith("loader"):
+        print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in b.items()))
+        continue
     print(f"  {name}: " + ", ".join(f"{k}={b[k]}" for k in keys if k in b))
 for name, b in bench.items():
     if "profile_top" in b:
