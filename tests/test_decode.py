@@ -169,3 +169,22 @@ def test_shards_open_lazily_and_a_truncated_jpeg_is_replaced(tmp_path):
     assert all(x.shape == (3, 64, 64) for x in xs)
     assert DraftRandomResizedCrop.calls >= len(ds) and DraftRandomResizedCrop.hits > 0
     assert len(ds.bad_log.found()) == 1
+
+
+def test_csv_lists_open_lazily_so_the_draft_fires(tmp_path):
+    """--data_set csv decodes under the crop too, and a truncated JPEG is replaced and counted."""
+    from tests.test_data import make_args
+    from util.data import BadImageLog, build_dataset
+    root = _folder(tmp_path / "d", n=6, size=(400, 300))
+    images = sorted((root / "train").rglob("*.jpg"))
+    images[0].write_bytes(images[0].read_bytes()[:800])
+    csv = tmp_path / "train.csv"
+    csv.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in images))
+    args = make_args(data_set="csv", data_path=str(csv), input_size=64, jpeg_draft=True)
+    ds, _ = build_dataset(True, args)
+    ds.bad_log = BadImageLog(str(tmp_path / "bad.txt"))
+    DraftRandomResizedCrop.hits = DraftRandomResizedCrop.calls = 0
+    random.seed(0)
+    assert all(ds[i][0].shape == (3, 64, 64) for i in range(len(ds)))
+    assert DraftRandomResizedCrop.hits > 0
+    assert ds.bad_log.found() == [("train", str(images[0]))]

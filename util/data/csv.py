@@ -62,12 +62,12 @@ def check_known(rows, classes, val_path, train_path):
 class CsvImages(ReplacesUnreadable, Dataset):
     """The images of one file list; `classes` and `class_to_idx` as an ImageFolder's."""
 
-    def __init__(self, rows, classes, transform=None):
+    def __init__(self, rows, classes, transform=None, loader=default_loader):
         self.classes = list(classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples = [(image, self.class_to_idx[label]) for image, label, _ in rows]
         self.targets = [t for _, t in self.samples]
-        self.loader, self.transform = default_loader, transform
+        self.loader, self.transform = loader, transform
 
     def __len__(self):
         return len(self.samples)
@@ -92,7 +92,11 @@ class CsvKind(DataKind):
         if not is_train:
             rows = read_list(self._val_path(args), "--eval_data_path")
             check_known(rows, classes, args.eval_data_path, args.data_path)
-        return CsvImages(rows, classes, transform), len(classes)
+        loader = default_loader
+        if args.jpeg_draft:  # files opened, not decoded; the transform decodes (util/data/decode.py)
+            from util.data.decode import LazyLoader
+            loader = LazyLoader()
+        return CsvImages(rows, classes, transform, loader), len(classes)
 
     def _classes(self, args):
         """(training rows, class names sorted)."""
