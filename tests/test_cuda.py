@@ -402,3 +402,24 @@ def test_exact_resume_with_deterministic_algorithms(tmp_path, script):
     spread = max(_max_diff(_tensors(a[k]), _tensors(c[k])) for k in keys)
     pytest.xfail(f"no deterministic CUDA kernel for {', '.join(ops)}: max |dw| resumed vs uninterrupted "
                  f"{diff:.3e}, between two uninterrupted runs {spread:.3e}")
+
+
+def test_device_batches_on_cuda_equal_the_cpu_finishing():
+    """--device_transforms on CUDA (copied and finished on a side stream one batch ahead): the
+    same batches, in order, as the CPU path; erased boxes the same too (const fill)."""
+    from util.data.device_batches import DeviceBatches, RandomErasingBySample
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(4) + i,
+               torch.arange(4) + 10 * i) for i in range(5)]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    plain_cpu = list(DeviceBatches(loader, torch.device("cpu"), mean, std))
+    plain_dev = list(DeviceBatches(loader, torch.device(DEVICE), mean, std, channels_last=True))
+    assert len(plain_dev) == 5
+    for (x, y), (u, v) in zip(plain_cpu, plain_dev):
+        assert torch.equal(y, v.cpu())
+        torch.testing.assert_close(u.cpu(), x, atol=1e-5, rtol=0)
+    erase = RandomErasingBySample(1.0, "const")
+    erased_cpu = list(DeviceBatches(loader, torch.device("cpu"), mean, std, erasing=erase))
+    erased_dev = list(DeviceBatches(loader, torch.device(DEVICE), mean, std, erasing=erase))
+    for (x, _), (u, _) in zip(erased_cpu, erased_dev):
+        torch.testing.assert_close(u.cpu(), x, atol=1e-5, rtol=0)  # const fill: boxes and values equal

@@ -2,8 +2,8 @@
 
 Loader workers then return uint8 images (decode, crop, flip, RandAugment: no float work on the
 CPU); `DeviceBatches` copies each batch to the device (`non_blocking`, from pinned memory on
-CUDA), converts and normalises it there and applies random erasing. Mixup / cutmix already run
-on the device, in the task's loss. Whatever is random here is drawn from each image's own
+CUDA, on a side stream one batch ahead), converts and normalises it there and applies random
+erasing. Mixup / cutmix already run on the device, in the task's loss. Whatever is random here is drawn from each image's own
 sample seed (util/data/loaders.TrainSampler), not from a process-wide generator, so a batch's
 erased boxes and noise do not depend on the number of processes or on where a run was resumed.
 """
@@ -104,8 +104,28 @@ class DeviceBatches:
         return getattr(self.loader, name)
 
     def __iter__(self):
+        if self.device.type != "cuda":
+            for batch in self.loader:
+                yield self.finish(batch)
+            return
+        yield from self._prefetched()
+
+    def _prefetched(self):
+        """CUDA: batch i+1 is copied and finished on a side stream while the model computes on
+        batch i (timm's PrefetchLoader); the compute stream waits for it before using it."""
+        side, ahead = torch.cuda.Stream(device=self.device), None
         for batch in self.loader:
-            yield self.finish(batch)
+            with torch.cuda.stream(side):
+                nxt = self.finish(batch)
+            if ahead is not None:
+                yield ahead
+            main = torch.cuda.current_stream(self.device)
+            main.wait_stream(side)
+            for t in nxt:
+                t.record_stream(main)  # the side stream's allocations are now used on the main one
+            ahead = nxt
+        if ahead is not None:
+            yield ahead
 
     def finish(self, batch):
         images, targets, *seeds = batch
