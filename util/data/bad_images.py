@@ -75,7 +75,7 @@ class BadImageLog:
             from torchvision.datasets.folder import default_loader
 
             def still_unreadable(split, image):
-                return os.path.exists(image) and not _readable(image, default_loader)
+                return _file_still_unreadable(image, default_loader)
         kept, seen = [], set()
         for line in cls(path).entries():
             split, image, _ = cls.parse(line)
@@ -115,6 +115,11 @@ def _load(loader, path, transform=None):
     return sample
 
 
+def _file_still_unreadable(path, loader):
+    """A listed image file that is still there and still fails to decode (removed ones leave the list)."""
+    return os.path.exists(path) and not _readable(path, loader)
+
+
 def _readable(path, loader):
     try:
         _load(loader, path)
@@ -132,7 +137,7 @@ class ReplacesUnreadable:
 
     def still_unreadable(self, name):
         """Whether an image an earlier launch listed is still there and still fails to decode."""
-        return os.path.exists(name) and not _readable(name, self.loader)
+        return _file_still_unreadable(name, self.loader)
 
     def __getitem__(self, index):
         for attempt in range(len(self.samples)):

@@ -90,16 +90,27 @@ def resized_box(img, ratio, box, size, interpolation):
     return img.resize(size, _pil_interp(interpolation), box=tuple(v * ratio for v in box))
 
 
-class DraftRandomResizedCrop(RandomResizedCropAndInterpolation):
-    """timm's RandomResizedCropAndInterpolation (fine-tuning), drafting the decode."""
+class _Drafting:
+    """What the drafting twins share: built from the op they replace, and per class (per
+    process) counts of how often the draft fired, for the benchmark's hit rate."""
 
-    hits = calls = 0  # per process: how often the draft fired (the benchmark's hit rate)
+    hits = calls = 0
 
     @classmethod
     def like(cls, op):
         new = cls.__new__(cls)
         new.__dict__.update(op.__dict__)
         return new
+
+    def _drafted(self, img, shrink):
+        img, ratio = drafted(img, shrink)
+        type(self).calls += 1
+        type(self).hits += ratio != 1.0
+        return img, ratio
+
+
+class DraftRandomResizedCrop(_Drafting, RandomResizedCropAndInterpolation):
+    """timm's RandomResizedCropAndInterpolation (fine-tuning), drafting the decode."""
 
     def __call__(self, img):
         i, j, h, w = self.get_params(img, self.scale, self.ratio)
@@ -110,16 +121,8 @@ class DraftRandomResizedCrop(RandomResizedCropAndInterpolation):
         return _crop(self, img, (j, i, j + w, i + h), interpolation)
 
 
-class DraftTorchvisionRandomResizedCrop(transforms.RandomResizedCrop):
+class DraftTorchvisionRandomResizedCrop(_Drafting, transforms.RandomResizedCrop):
     """torchvision's RandomResizedCrop (FCMAE pretraining: its torch RNG draws), drafting the decode."""
-
-    hits = calls = 0
-
-    @classmethod
-    def like(cls, op):
-        new = cls.__new__(cls)
-        new.__dict__.update(op.__dict__)
-        return new
 
     def forward(self, img):
         i, j, h, w = self.get_params(img, self.scale, self.ratio)
@@ -129,9 +132,7 @@ class DraftTorchvisionRandomResizedCrop(transforms.RandomResizedCrop):
 def _crop(op, img, box, interpolation):
     out_h, out_w = op.size if isinstance(op.size, (tuple, list)) else (op.size, op.size)
     shrink = min((box[2] - box[0]) / out_w, (box[3] - box[1]) / out_h)
-    img, ratio = drafted(img, shrink)
-    type(op).calls += 1
-    type(op).hits += ratio != 1.0
+    img, ratio = op._drafted(img, shrink)
     return resized_box(img, ratio, box, (out_w, out_h), interpolation)
 
 
@@ -147,23 +148,13 @@ def resize_size(w, h, size, max_size=None):
     return (new_short, new_long) if w <= h else (new_long, new_short)
 
 
-class DraftResize(transforms.Resize):
+class DraftResize(_Drafting, transforms.Resize):
     """torchvision's Resize (evaluation: before the centre crop), drafting the decode."""
-
-    hits = calls = 0
-
-    @classmethod
-    def like(cls, op):
-        new = cls.__new__(cls)
-        new.__dict__.update(op.__dict__)
-        return new
 
     def forward(self, img):
         w, h = img.size
         out_w, out_h = resize_size(w, h, self.size, self.max_size)
-        img, ratio = drafted(img, min(w / out_w, h / out_h))
-        type(self).calls += 1
-        type(self).hits += ratio != 1.0
+        img, ratio = self._drafted(img, min(w / out_w, h / out_h))
         if ratio == 1.0:
             return F.resize(img, [out_h, out_w], self.interpolation)
         return img.resize((out_w, out_h), _pil_interp(self.interpolation), box=(0, 0, w * ratio, h * ratio))
@@ -187,11 +178,6 @@ def draft_first(transform):
             transform.decodes = True
             break
     return transform
-
-
-def decodes(transform):
-    """Whether `transform` decodes a lazily opened image itself (draft_first replaced its first op)."""
-    return bool(getattr(transform, "decodes", False))
 
 
 def draft_counts():
