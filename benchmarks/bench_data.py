@@ -6,10 +6,12 @@ one image folder, timed round-robin (issue 13, item 2):
   float tensors out, as a CPU-only pipeline does;
 - `uint8`: ours with --device_transforms true (uint8 tensors; normalisation and random erasing
   run on the training device, not timed here);
-- `ours`: uint8 plus --jpeg_draft True (what a GPU run uses): img_per_s_per_worker.
+- `ours`: uint8 plus --jpeg_draft True (what a GPU run uses: reduced-size decoding where the
+  crop allows, the crop resized by torch's SIMD uint8 kernel): img_per_s_per_worker.
 
-Also: how often the draft fired, and how drafted crops differ from full-decode crops of the
-same boxes (mean absolute difference in 0-255 units; per-channel mean and std of both).
+Also: how often the draft fired, and how our crops differ from timm's of the same boxes (the
+SIMD resize over all crops; the drafted crops: mean absolute difference in 0-255 units,
+per-channel mean and std of both).
 
     python -m benchmarks.bench_data [--data_path DIR] [--workers 1 2] [--input_size 224] [--json]
 
@@ -93,10 +95,16 @@ def draft_hit_rate(ds, limit=512):
     return hits / max(calls, 1), calls
 
 
+def _pillow_crop(img, box, size, interpolation):
+    from torchvision.transforms import functional as F
+    return F.resized_crop(img, box[1], box[0], box[3] - box[1], box[2] - box[0], [size[1], size[0]], interpolation)
+
+
 def pixel_stats(data_path, input_size, limit=256):
-    """Drafted crops against full-decode crops of the same boxes (timm's RandomResizedCrop
-    params), over the crops where the draft fires: mean absolute difference (0-255) and the
-    per-channel mean and std of both."""
+    """Our crops against timm's (a full decode, Pillow's crop and resize) of the same boxes (timm's
+    RandomResizedCrop params): over every crop, the SIMD resize's mean and largest absolute
+    difference (0-255); over the crops where the draft fires, the mean absolute difference, its
+    99th percentile and the per-channel mean and std of both."""
     import glob
 
     from PIL import Image
@@ -106,27 +114,34 @@ def pixel_stats(data_path, input_size, limit=256):
     rrc = RRC(input_size, interpolation="bicubic")
     files = sorted(glob.glob(os.path.join(data_path, "train", "*", "*.jpg")))[:limit]
     rng = random.Random(0)
-    full, draft = [], []
+    full, draft, simd = [], [], []
     for f in files:
         random.seed(rng.random())
         i, j, h, w = rrc.get_params(Image.open(f), rrc.scale, rrc.ratio)
         box, size = (j, i, j + w, i + h), (input_size, input_size)
-        lazy = Image.open(f)
-        img, ratio = drafted(lazy, min(w, h) / input_size)
-        if ratio == 1.0:
-            continue
-        draft.append(np.asarray(resized_box(img, ratio, box, size, rrc.interpolation), np.float64))
-        full.append(np.asarray(resized_box(decode_rgb(Image.open(f)), 1.0, box, size, rrc.interpolation),
-                               np.float64))
+        img, ratio = drafted(Image.open(f), min(w, h) / input_size)
+        ours = np.asarray(resized_box(img, ratio, box, size, rrc.interpolation), np.float64)
+        timm = np.asarray(_pillow_crop(decode_rgb(Image.open(f)), box, size, rrc.interpolation), np.float64)
+        (draft if ratio != 1.0 else simd).append(ours)
+        if ratio != 1.0:
+            full.append(timm)
+        else:
+            simd[-1] = np.abs(ours - timm)
+    out = {"pixel_simd_crops_compared": len(simd)}
+    if simd:
+        out["pixel_simd_mean_abs_diff"] = round(float(np.mean([d.mean() for d in simd])), 4)
+        out["pixel_simd_max_abs_diff"] = float(max(d.max() for d in simd))
+    out["pixel_crops_compared"] = len(full)
     if not full:
-        return {"pixel_crops_compared": 0}
+        return out
     a, b = np.stack(full), np.stack(draft)
-    return {"pixel_crops_compared": len(full), "pixel_mean_abs_diff": round(float(np.abs(a - b).mean()), 3),
-            "pixel_max_abs_diff_p99": round(float(np.percentile(np.abs(a - b), 99)), 2),
-            "pixel_full_mean": [round(float(v), 2) for v in a.mean((0, 1, 2))],
-            "pixel_draft_mean": [round(float(v), 2) for v in b.mean((0, 1, 2))],
-            "pixel_full_std": [round(float(v), 2) for v in a.std((0, 1, 2))],
-            "pixel_draft_std": [round(float(v), 2) for v in b.std((0, 1, 2))]}
+    out.update({"pixel_mean_abs_diff": round(float(np.abs(a - b).mean()), 3),
+                "pixel_max_abs_diff_p99": round(float(np.percentile(np.abs(a - b), 99)), 2),
+                "pixel_full_mean": [round(float(v), 2) for v in a.mean((0, 1, 2))],
+                "pixel_draft_mean": [round(float(v), 2) for v in b.mean((0, 1, 2))],
+                "pixel_full_std": [round(float(v), 2) for v in a.std((0, 1, 2))],
+                "pixel_draft_std": [round(float(v), 2) for v in b.std((0, 1, 2))]})
+    return out
 
 
 def _cpu_name():

@@ -105,21 +105,32 @@ class PeakMemory:
         if self.heap is None:
             fn()
             return None
-        start = self.heap()
-        peak = [start]
+        for _ in range(5):  # a call faster than the sampler (a tiny eval step) is measured again
+            start = self.heap()
+            peak, samples = self._sampled(fn)
+            if samples:
+                break
+        return max(peak, self.heap()), start
+
+    def _sampled(self, fn):
+        """(the largest heap seen, how many samples landed) while fn() ran, sampled every ms."""
+        peak = [self.heap(), 0]
         done = threading.Event()
+        running = threading.Event()
 
         def sample():
+            running.set()
             while not done.wait(0.001):
-                peak[0] = max(peak[0], self.heap())
+                peak[0], peak[1] = max(peak[0], self.heap()), peak[1] + 1
         t = threading.Thread(target=sample, daemon=True)
         t.start()
+        running.wait()
         try:
             fn()
         finally:
             done.set()
             t.join()
-        return max(peak[0], self.heap()), start
+        return peak[0], peak[1]
 
 
 class Contender:

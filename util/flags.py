@@ -123,9 +123,10 @@ TABLE = (
           "and normalisation and random erasing run on the training device (timm's prefetcher); false: all in "
           "the workers, as float; auto: true on CUDA, false on CPU (where the device is the loader's CPU)",
           choices=("auto", "true", "false"), ignore_case=True),
-    _flag("jpeg_draft", False, str2bool, "decode a JPEG at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling, Pillow's "
-          "draft) when its random or centre crop is shrunk at least that much anyway: faster loaders, slightly "
-          "different pixels than a full decode (False: the original's pixels)"),
+    _flag("jpeg_draft", False, str2bool, "fast decoding: a JPEG whose random or centre crop is shrunk at least "
+          "2x is decoded at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling, Pillow's draft), and the crop is "
+          "resized by torch's SIMD uint8 kernel: faster loaders, slightly different pixels than a full "
+          "decode (False: the original's pixels; docs/benchmarks.md)"),
     _flag("pin_mem", True, str2bool, "pin host memory of batches (faster copies to the GPU)", role=SETTING),
     _flag("synthetic_train_samples", 5000, int, "built-in dataset: training images",
           checks=(R(1, message="--synthetic_train_samples and --synthetic_val_samples must be >= 1"),)),

@@ -7,11 +7,16 @@ transform's first op draws its crop exactly as without the flag (the same get_pa
 RNG, the same order), asks for the largest reduction that keeps the crop at least as large as
 its output in both directions, decodes, and resizes the mapped box in one Pillow call. When the
 reduction would be 1 (crop shrunk < 2x), or the image is not a JPEG, or it is decoded already,
-the op's pixels are those of the op it replaces. A file that fails to decode raises
-`UnreadableImage`, which the datasets count and replace like an image that fails to open
-(util/data/bad_images.py)."""
+the crop is still decoded in full. A file that fails to decode raises `UnreadableImage`, which
+the datasets count and replace like an image that fails to open (util/data/bad_images.py).
+
+The crop-and-resize itself runs in torch's uint8 antialiased kernel (`simd_resized_crop`, about
+3x Pillow's with the conversions; the same filters, pixels equal up to rounding) for bilinear and bicubic;
+Pillow's for the other interpolations and for a drafted image's fractional box."""
 import random
 
+import numpy as np
+import torch
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
@@ -81,12 +86,32 @@ def _pil_interp(interpolation):
     return F.pil_modes_mapping[interpolation]
 
 
+TORCH_MODES = {Image.BILINEAR: "bilinear", Image.BICUBIC: "bicubic"}  # Pillow's filters torch reproduces
+
+
+def simd_resized_crop(img, box, size, interpolation):
+    """Pillow's `img.crop(box).resize(size, interpolation)` (torchvision's resized_crop) through
+    torch's uint8 antialiased interpolate, which ports Pillow's filters to SIMD: on these CPUs
+    about 3x faster with the conversions, pixels equal up to rounding (mean abs diff about 0.02
+    in 0-255 units, up to about 10 levels at a few sharp edges). Pillow's own where torch has no equal (nearest, lanczos,
+    box, hamming), for a mode other than RGB, or a box reaching outside the image."""
+    mode = TORCH_MODES.get(_pil_interp(interpolation))
+    left, top, right, bottom = box
+    inside = 0 <= left < right <= img.size[0] and 0 <= top < bottom <= img.size[1]
+    if mode is None or img.mode != "RGB" or not inside:
+        return F.resized_crop(img, top, left, bottom - top, right - left, [size[1], size[0]], interpolation)
+    hwc = torch.from_numpy(np.array(img.crop(box)))  # the crop copied out, writable, channels last
+    out = torch.nn.functional.interpolate(hwc.permute(2, 0, 1).unsqueeze(0), size=(size[1], size[0]),
+                                          mode=mode, antialias=True)[0].contiguous().numpy()
+    # three planes merged by Pillow: ~10x faster than transposing to height x width x 3 first
+    return Image.merge("RGB", [Image.frombuffer("L", size, out[c], "raw", "L", 0, 1) for c in range(3)])
+
+
 def resized_box(img, ratio, box, size, interpolation):
     """The crop `box` (left, top, right, bottom on the full-size image) of `img` (decoded at
     `ratio` of its full size) resized to `size` (w, h)."""
     if ratio == 1.0:
-        left, top, right, bottom = box
-        return F.resized_crop(img, top, left, bottom - top, right - left, [size[1], size[0]], interpolation)
+        return simd_resized_crop(img, box, size, interpolation)
     return img.resize(size, _pil_interp(interpolation), box=tuple(v * ratio for v in box))
 
 
@@ -156,7 +181,7 @@ class DraftResize(_Drafting, transforms.Resize):
         out_w, out_h = resize_size(w, h, self.size, self.max_size)
         img, ratio = self._drafted(img, min(w / out_w, h / out_h))
         if ratio == 1.0:
-            return F.resize(img, [out_h, out_w], self.interpolation)
+            return simd_resized_crop(img, (0, 0, w, h), (out_w, out_h), self.interpolation)
         return img.resize((out_w, out_h), _pil_interp(self.interpolation), box=(0, 0, w * ratio, h * ratio))
 
 
