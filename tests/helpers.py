@@ -1,6 +1,7 @@
 """Running the real scripts in subprocesses (1 process, or torchrun with N gloo processes)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -66,3 +67,38 @@ def read_log(run_dir):
 def run_record(run_dir):
     with open(os.path.join(run_dir, "run.json")) as f:
         return json.load(f)
+
+
+def stop_midway(args, nproc, sig, at_step=5):
+    """Start the run, send `sig` once it has logged step `at_step` of epoch 0, wait for it to end."""
+    p = subprocess.Popen(command("main_finetune.py", args, nproc), env=script_env(), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if f"train epoch 0 [{at_step}/" in line:
+            p.send_signal(sig)
+            break
+    lines += p.stdout.readlines()
+    p.wait(timeout=120)
+    return "".join(lines)
+
+
+def stop_and_resume(args, cut, nproc, steps_per_epoch, sig=signal.SIGTERM, at_step=5):
+    """The run in `cut` stopped by `sig` after step `at_step` of epoch 0 (recorded preempted,
+    its last checkpoint inside epoch 0, at or after that step), then started again and run to
+    its end (recorded completed)."""
+    args = args + ["--output_dir", str(cut)]
+    out = stop_midway(args, nproc, sig, at_step)
+    assert run_record(cut)["status"] == "preempted", out[-2000:]
+    ck = torch.load(os.path.join(cut, "checkpoint-last.pth"), map_location="cpu", weights_only=True)
+    assert ck["epoch"] == 0 and at_step <= ck["step"] < steps_per_epoch, ck["step"]
+    run("main_finetune.py", args, nproc=nproc)
+    assert run_record(cut)["status"] == "completed"
+
+
+def assert_same_weights(a_path, b_path, key="model"):
+    """The checkpoints' `key` state dicts are equal, bit for bit."""
+    a = torch.load(a_path, map_location="cpu", weights_only=True)[key]
+    b = torch.load(b_path, map_location="cpu", weights_only=True)[key]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

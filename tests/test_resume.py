@@ -1,12 +1,12 @@
 """Exact resume: a run stopped by SIGTERM mid-epoch and started again ends with the same
 weights, bit for bit, as a run that never stopped (CPU; 1 and 2 processes)."""
 import signal
-import subprocess
 
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY, command, read_log, run, run_record, script_env, weights
+from tests.helpers import (TINY, assert_same_weights, read_log, run, run_record, stop_and_resume, stop_midway,
+                           weights)
 
 pytestmark = pytest.mark.slow
 
@@ -14,21 +14,6 @@ ARGS = TINY + ["--synthetic_train_samples", "192", "--epochs", "2", "--batch_siz
                "--drop_path", "0.1", "--warmup_epochs", "1", "--model_ema", "True", "--model_ema_decay", "0.9"]
 # batches finished on the device (uint8 from the workers), with what is random there: erasing, mixup
 DEVICE = ["--device_transforms", "true", "--reprob", "0.5", "--mixup", "0.8", "--cutmix", "1.0"]
-
-
-def _stop_midway(args, nproc, sig, at_step=5):
-    """Start the run, send `sig` once it has logged step `at_step` of epoch 0, wait for it to end."""
-    p = subprocess.Popen(command("main_finetune.py", args, nproc), env=script_env(), cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
-    for line in p.stdout:
-        lines.append(line)
-        if f"train epoch 0 [{at_step}/" in line:
-            p.send_signal(sig)
-            break
-    lines += p.stdout.readlines()
-    p.wait(timeout=120)
-    return "".join(lines)
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +38,9 @@ def test_preempted_run_resumes_bit_identical(tmp_path, reference, nproc, sig, ex
     ref = reference(nproc, extra)
     args = ARGS + extra
     cut = tmp_path / "cut"
-    out = _stop_midway(args + ["--output_dir", str(cut)], nproc, sig)
-    rec = run_record(cut)
-    assert rec["status"] == "preempted", out[-2000:]
-    ck = torch.load(cut / "checkpoint-last.pth", map_location="cpu", weights_only=True)
-    assert ck["epoch"] == 0 and 5 <= ck["step"] < 192 // (8 * nproc), ck["step"]
-    run("main_finetune.py", args + ["--output_dir", str(cut)], nproc=nproc)
-    assert run_record(cut)["status"] == "completed"
-    a, b = weights(ref / "checkpoint-1.pth"), weights(cut / "checkpoint-1.pth")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    ea = torch.load(ref / "checkpoint-1.pth", weights_only=True)["model_ema"]
-    eb = torch.load(cut / "checkpoint-1.pth", weights_only=True)["model_ema"]
-    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    stop_and_resume(args, cut, nproc, 192 // (8 * nproc), sig)
+    assert_same_weights(ref / "checkpoint-1.pth", cut / "checkpoint-1.pth")
+    assert_same_weights(ref / "checkpoint-1.pth", cut / "checkpoint-1.pth", "model_ema")
     assert [e["epoch"] for e in read_log(cut)] == [0, 1]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tb = EventAccumulator(str(cut / "tensorboard"))
@@ -82,7 +58,7 @@ def test_resume_mid_epoch_with_another_batch_split(tmp_path):
     ref = tmp_path / "ref"
     run("main_finetune.py", common + ["--batch_size", "8", "--output_dir", str(ref)])
     cut = tmp_path / "cut"
-    out = _stop_midway(common + ["--batch_size", "8", "--output_dir", str(cut)], 1, signal.SIGTERM)
+    out = stop_midway(common + ["--batch_size", "8", "--output_dir", str(cut)], 1, signal.SIGTERM)
     step = torch.load(cut / "checkpoint-last.pth", map_location="cpu", weights_only=True)["step"]
     assert run_record(cut)["status"] == "preempted" and 5 <= step < 12, out[-2000:]
     r = run("main_finetune.py", common + ["--batch_size", "4", "--update_freq", "2", "--output_dir", str(cut)])
@@ -98,7 +74,7 @@ def test_signal_after_the_last_step_stops_at_the_epoch_end(tmp_path):
     the next epoch."""
     args = ARGS + ["--synthetic_train_samples", "64", "--synthetic_val_samples", "1024",
                    "--output_dir", str(tmp_path / "run")]
-    out = _stop_midway(args, 1, signal.SIGTERM, at_step=8)
+    out = stop_midway(args, 1, signal.SIGTERM, at_step=8)
     rec = run_record(tmp_path / "run")
     assert (rec["status"], rec["reason"]) == ("preempted", "stopped after epoch 0"), out[-2000:]
     assert [e["epoch"] for e in read_log(tmp_path / "run")] == [0]

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import tarfile
 
 import numpy as np
@@ -15,9 +14,8 @@ import torch
 from PIL import Image
 
 from tests import forkrun
-from tests.helpers import TINY, read_log, run, run_record, weights
+from tests.helpers import TINY, assert_same_weights, read_log, run, run_record, stop_and_resume
 from tests.test_errors import one_line, snapshot
-from tests.test_resume import _stop_midway
 from util.data import KINDS, BadImageLog, build_dataset, check_data
 from util.data.folder import SafeImageFolder
 from util.data.wds import ShardSamples, read_classes, shard_paths
@@ -185,14 +183,8 @@ def test_preempted_sharded_run_resumes_bit_identical(shards, tmp_path, nproc):
     ref = tmp_path / "ref"
     run("main_finetune.py", args + ["--output_dir", str(ref)], nproc=nproc)
     cut = tmp_path / "cut"
-    out = _stop_midway(args + ["--output_dir", str(cut)], nproc, signal.SIGTERM, at_step=3)
-    assert run_record(cut)["status"] == "preempted", out[-2000:]
-    ck = torch.load(cut / "checkpoint-last.pth", map_location="cpu", weights_only=True)
-    assert ck["epoch"] == 0 and 3 <= ck["step"] < 129 // (8 * nproc), ck["step"]
-    run("main_finetune.py", args + ["--output_dir", str(cut)], nproc=nproc)
-    assert run_record(cut)["status"] == "completed"
-    a, b = weights(ref / "checkpoint-1.pth"), weights(cut / "checkpoint-1.pth")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    stop_and_resume(args, cut, nproc, 129 // (8 * nproc), at_step=3)
+    assert_same_weights(ref / "checkpoint-1.pth", cut / "checkpoint-1.pth")
     assert [e["test_n"] for e in read_log(ref)] == [e["test_n"] for e in read_log(cut)] == [21, 21]  # each once
 
 
