@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 from tests import forkrun
-from tests.helpers import TINY, assert_same_weights, read_log, run, run_record, stop_and_resume
+from tests.helpers import TINY, assert_same_weights, read_log, run, stop_and_resume
 from tests.test_errors import one_line, snapshot
 from util.data import KINDS, BadImageLog, build_dataset, check_data
 from util.data.folder import SafeImageFolder
-from util.data.wds import ShardSamples, read_classes, shard_paths
+from util.data.wds import read_classes, shard_paths
 from util.errors import UserError
 from util.make_shards import main as make_shards_main
 from util.make_shards import make_shards
