@@ -384,7 +384,7 @@ def bench_engines(a):
             c.run_first(device)
         for c in contenders:  # a whole warm-up call (allocator, autotuning, shapes), untimed
             c.warm_up(device, mem)
-        for _ in range(a.rounds):
+        for _ in range(a.rounds or 5):
             for c in contenders:
                 c.run(device, mem)
     elapsed = time.perf_counter() - t0
@@ -470,7 +470,7 @@ def bench_checkpointing(a):
             c.run_first(device)
         for c in contenders:
             c.warm_up(device, mem)
-        for _ in range(a.rounds):
+        for _ in range(a.rounds or 5):
             for c in contenders:
                 c.run(device, mem)
     mb, out = 2 ** 20, {}
@@ -493,7 +493,7 @@ def bench_data(a):
     create_transform, on --data_path or a generated ImageNet-like JPEG set (benchmarks/bench_data.py)."""
     from benchmarks.bench_data import run_on
     return run_on(a.data_path, a.data_images, workers=[w for w in a.workers if w > 0] or [1],
-                  input_size=a.input_size)
+                  input_size=a.input_size, rounds=a.rounds or 3)
 
 
 def bench_startup(a):
@@ -537,7 +537,7 @@ def main():
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--steps", type=int, default=2, help="steps per timed call")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 5; 3 with --data_pipeline)")
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--use_amp", action="store_true")
