@@ -93,8 +93,9 @@ def simd_resized_crop(img, box, size, interpolation):
     """Pillow's `img.crop(box).resize(size, interpolation)` (torchvision's resized_crop) through
     torch's uint8 antialiased interpolate, which ports Pillow's filters to SIMD: on these CPUs
     about 3x faster with the conversions, pixels equal up to rounding (mean abs diff about 0.02
-    in 0-255 units, up to about 10 levels at a few sharp edges). Pillow's own where torch has no equal (nearest, lanczos,
-    box, hamming), for a mode other than RGB, or a box reaching outside the image."""
+    in 0-255 units, up to about 10 levels at a few sharp edges). Pillow's own where torch has
+    no equal (nearest, lanczos, box, hamming), for a mode other than RGB, or a box reaching
+    outside the image (Pillow pads it)."""
     mode = TORCH_MODES.get(_pil_interp(interpolation))
     left, top, right, bottom = box
     inside = 0 <= left < right <= img.size[0] and 0 <= top < bottom <= img.size[1]
