@@ -74,3 +74,31 @@ def test_help_is_true_per_script():
     assert "or any timm model" in ft and "or any timm model" not in pt
     assert "FCMAE pretrains our ConvNeXt V2 encoders only" in pt
     assert "not used by pretraining" in pt and "not used by pretraining" not in ft
+
+
+def _getattr_defaults():
+    """(file:line, name, default) of each `getattr(<x>, "<flag>", <default>)` in the suite's own
+    code (default: the literal, or ... for an expression)."""
+    import ast
+    import subprocess
+    files = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    for path in [f for f in files if not f.startswith("tests/")]:
+        with open(os.path.join(REPO, path)) as fh:
+            tree = ast.parse(fh.read())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and len(node.args) == 3
+                    and isinstance(node.args[1], ast.Constant) and node.args[1].value in flags.BY_NAME):
+                default = node.args[2].value if isinstance(node.args[2], ast.Constant) else ...
+                yield f"{path}:{node.lineno}", node.args[1].value, default
+
+
+def test_no_second_default_for_a_flag_both_scripts_have():
+    """The flag table holds each default once. A `getattr(args, "flag", default)` repeats one and
+    can drift from it: it stands only for a flag that one training script lacks (pretraining
+    has no --layer_decay), where its default says what the flag means for that script, or
+    with None, asking whether a bare Namespace (a record of another version) has it at all."""
+    both = {f.name for f in flags.TABLE if {flags.FT, flags.PT} <= set(f.scripts)}
+    found = list(_getattr_defaults())
+    assert len(found) > 5, "hardly a getattr found: the search below would prove nothing"
+    repeated = [(where, name, d) for where, name, d in found if name in both and d is not None]
+    assert not repeated, f"use args.<flag> (both scripts have it): {repeated}"

@@ -42,7 +42,7 @@ class ImageFolderKind(DataKind):
         else:
             root = args.eval_data_path or os.path.join(args.data_path, "val")
         ds = _image_folder(root, transform, "training" if is_train else "validation",
-                           lazy=bool(getattr(args, "jpeg_draft", False)))
+                           lazy=bool(args.jpeg_draft))
         return ds, len(ds.classes)
 
     def num_classes(self, args):

@@ -45,7 +45,7 @@ def _guard_posterize(transform):
 def _draft(transform, args):
     """--jpeg_draft: the first op (random resized crop or resize) decodes a lazily opened JPEG at
     reduced size when its output is that much smaller anyway (util/data/decode.py)."""
-    if not getattr(args, "jpeg_draft", False):
+    if not args.jpeg_draft:
         return transform
     from util.data.decode import draft_first
     return draft_first(transform)
