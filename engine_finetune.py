@@ -102,6 +102,12 @@ class FinetuneTask(Task):
         self.val_loader = None if val_set is None else self.device_batches(
             build_eval_loader(val_set, args, dist.world_size, dist.rank))
 
+    def optimizer_settings(self):
+        """The optimizer flags (--opt, --opt_eps, --opt_betas, --momentum, --layer_decay...)."""
+        a = self.args
+        return {"weight_decay": a.weight_decay, "opt": a.opt, "opt_eps": a.opt_eps, "betas": a.opt_betas,
+                "momentum": a.momentum, "layer_decay": a.layer_decay, "layer_decay_type": a.layer_decay_type}
+
     def build_model(self):
         return build_model(self.args, self.nb_classes)
 

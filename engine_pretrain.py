@@ -33,7 +33,6 @@ class PretrainTask(Task):
     kind = "pretrain"
     label = "FCMAE"
     best_name, lower_is_better = "train_loss", True
-    betas = (0.9, 0.95)
 
     def __init__(self, args, dist):
         from util.data import build_dataset, build_pretrain_transform
@@ -41,6 +40,10 @@ class PretrainTask(Task):
         train_set, _ = build_dataset(True, args, transform=build_pretrain_transform(args, on_device(args, dist.device)))
         super().__init__(args, dist, train_set)
         self.vis_images = None  # the grid's images, read at its first drawing (rank 0)
+
+    def optimizer_settings(self):
+        """AdamW with the original FCMAE betas (0.9, 0.95)."""
+        return {"weight_decay": self.args.weight_decay, "betas": (0.9, 0.95)}
 
     def build_model(self):
         return build_model(self.args)

@@ -258,20 +258,19 @@ def build_contenders(a):
     batches = _batches(a, device)
     loader = InMemoryLoader(batches)
     amp = Amp.create(a.use_amp, device)
-    opt_args = argparse.Namespace(weight_decay=0.05, layer_decay=1.0, opt="adamw", opt_eps=1e-8, opt_betas=None,
-                                  momentum=0.9)
+    opt_kw = {"weight_decay": 0.05, "opt_eps": 1e-8}
 
     def prep(m):
         m = m.to(device)
         return m.to(memory_format=torch.channels_last) if a.channels_last else m
 
     ours = prep(create_model(a.model, num_classes=1000))
-    ours_opt = create_optimizer(opt_args, ours, 1e-4, device)
+    ours_opt = create_optimizer(ours, 1e-4, device, **opt_kw)
     ours_run = maybe_compile(ours, a.compile)
     crit = torch.nn.CrossEntropyLoss()
     st = _loop_state(amp, a.steps)
     fcmae = prep(create_fcmae(a.model, decoder_embed_dim=512))
-    fcmae_opt = create_optimizer(opt_args, fcmae, 1e-4, device, betas=(0.9, 0.95))
+    fcmae_opt = create_optimizer(fcmae, 1e-4, device, betas=(0.9, 0.95), **opt_kw)
     fcmae_run = maybe_compile(fcmae, a.compile)
     st_pre = _loop_state(amp, a.steps)
     plain = _plain_timm(a, prep(timm.create_model(a.model, num_classes=1000)), amp, crit)
@@ -435,8 +434,7 @@ def checkpointing_contenders(a):
     batches = _batches(a, device)
     loader, one = InMemoryLoader(batches), InMemoryLoader(batches[:1])
     amp = Amp.create(a.use_amp, device)
-    opt_args = argparse.Namespace(weight_decay=0.05, layer_decay=1.0, opt="adamw", opt_eps=1e-8, opt_betas=None,
-                                  momentum=0.9)
+    opt_kw = {"weight_decay": 0.05, "opt_eps": 1e-8}
     crit = torch.nn.CrossEntropyLoss()
     losses = {"finetune": functools.partial(engine_finetune.classification_loss, criterion=crit),
               "pretrain": functools.partial(engine_pretrain.masked_loss, mask_ratio=0.6)}
@@ -446,7 +444,8 @@ def checkpointing_contenders(a):
         for ckpt in (False, True):
             torch.manual_seed(0)
             model = build(grad_checkpointing=ckpt).to(device)
-            opt = create_optimizer(opt_args, model, 1e-4, device, betas=(0.9, 0.95) if kind == "pretrain" else None)
+            opt = create_optimizer(model, 1e-4, device, betas=(0.9, 0.95) if kind == "pretrain" else None,
+                                   **opt_kw)
             st = _loop_state(amp, a.steps)
 
             def step(ld, model=model, opt=opt, st=st, loss=losses[kind]):

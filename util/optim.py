@@ -55,22 +55,22 @@ def param_groups(model, weight_decay, layer_decay=1.0, layer_decay_type="single"
     return list(groups.values())
 
 
-def create_optimizer(args, model, lr, device, betas=None):
-    """timm's optimizer over `param_groups`, at learning rate `lr` (effective_lr), fused AdamW on
-    CUDA `device`s; `betas` win over --opt_betas."""
+def create_optimizer(model, lr, device, weight_decay, opt="adamw", opt_eps=None, betas=None, momentum=0.9,
+                     layer_decay=1.0, layer_decay_type="single"):
+    """timm's optimizer `opt` over `param_groups`, at learning rate `lr` (effective_lr), fused
+    AdamW on CUDA `device`s. The keywords are the fine-tuning flags of those names (`betas`:
+    --opt_betas; None: the optimizer's own), which each Task hands over (Task.optimizer_settings);
+    pretraining has none of them and uses AdamW with the original's betas."""
     from timm.optim import create_optimizer_v2
-    groups = param_groups(model, args.weight_decay, getattr(args, "layer_decay", 1.0),
-                          getattr(args, "layer_decay_type", "single"))
-    kw = {"eps": args.opt_eps} if getattr(args, "opt_eps", None) is not None else {}
-    betas = betas or getattr(args, "opt_betas", None)
+    groups = param_groups(model, weight_decay, layer_decay, layer_decay_type)
+    kw = {"eps": opt_eps} if opt_eps is not None else {}
     if betas:
         kw["betas"] = tuple(betas)
-    opt_name = getattr(args, "opt", "adamw").lower()
+    opt_name = opt.lower()
     if opt_name == "adamw" and str(device).startswith("cuda"):
         kw["fused"] = True
     try:
-        opt = create_optimizer_v2(groups, opt=opt_name, lr=lr, weight_decay=args.weight_decay,
-                                  momentum=getattr(args, "momentum", 0.9), **kw)
+        opt = create_optimizer_v2(groups, opt=opt_name, lr=lr, weight_decay=weight_decay, momentum=momentum, **kw)
     except (ValueError, AssertionError, KeyError) as e:
         raise UserError(f"cannot create optimizer --opt {opt_name!r} ({e}); try --opt adamw") from None
     for g in opt.param_groups:  # which groups the weight-decay schedule may touch

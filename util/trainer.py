@@ -69,7 +69,6 @@ class Task:
     kind = None                       # "finetune" | "pretrain": the kind of run directory
     label = "model"                   # how the start line names the model
     best_name, lower_is_better = "train_loss", True
-    betas = None                      # optimizer betas; None: --opt_betas
 
     def __init__(self, args, dist, train_set, val_set=None, nb_classes=None):
         self.args, self.dist = args, dist
@@ -92,6 +91,10 @@ class Task:
         from util.data import mean_std
         from util.data.device_batches import DeviceBatches
         return DeviceBatches(loader, self.dist.device, *mean_std(self.args), self.args.channels_last, erasing)
+
+    def optimizer_settings(self):
+        """util/optim.create_optimizer's keywords for this task."""
+        return {"weight_decay": self.args.weight_decay}
 
     def build_model(self):
         raise NotImplementedError
@@ -215,7 +218,7 @@ class Trainer:
         self.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         info(f"{task.label} {args.model}: {self.n_parameters / 1e6:.2f}M parameters; lr {ctx.lr:.3e}, "
              f"global batch {ctx.global_batch} ({args.batch_size} x {args.update_freq} x {ctx.dist.world_size})")
-        self.optimizer = create_optimizer(args, model, ctx.lr, ctx.device, betas=task.betas)
+        self.optimizer = create_optimizer(model, ctx.lr, ctx.device, **task.optimizer_settings())
         self.models = place_model(model, ema, Amp.create(args.use_amp, ctx.device), args, ctx.dist)
 
     def _build_loader(self):
