@@ -17,7 +17,8 @@ def make_args(**kw):
     base = dict(data_set="synthetic", data_path="", eval_data_path=None, input_size=32, aa="none",
                 color_jitter=None, train_interpolation="bicubic", reprob=0.0, remode="pixel", recount=1,
                 crop_pct=None, imagenet_default_mean_and_std=True, synthetic_train_samples=40,
-                synthetic_val_samples=20, synthetic_classes=10, synthetic_seed=0, jpeg_draft=False)
+                synthetic_val_samples=20, synthetic_classes=10, synthetic_seed=0, jpeg_draft=False,
+                scale=[0.08, 1.0])
     base.update(kw)
     return argparse.Namespace(**base)
 

@@ -108,7 +108,7 @@ def build_train_loader(dataset, args, world_size, rank, with_seeds=False):
 
 
 def build_eval_loader(dataset, args, world_size, rank):
-    if getattr(args, "dist_eval", True):
+    if args.dist_eval:
         sampler = EvalSampler(len(dataset), world_size, rank)
     else:  # every rank evaluates everything; only counts from rank 0 matter
         sampler = EvalSampler(len(dataset), 1, 0)

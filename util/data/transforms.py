@@ -72,7 +72,7 @@ def build_transform(is_train, args, uint8=False):
         aa = args.aa if args.aa not in (None, "", "none", "None") else None
         return _draft(_guard_posterize(create_transform(
             input_size=size, is_training=True, color_jitter=args.color_jitter, auto_augment=aa,
-            scale=tuple(getattr(args, "scale", (0.08, 1.0))),
+            scale=tuple(args.scale),
             interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
             re_count=args.recount, mean=mean, std=std, use_prefetcher=uint8)), args)
     steps = []
