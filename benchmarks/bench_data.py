@@ -95,11 +95,6 @@ def draft_hit_rate(ds, limit=512):
     return hits / max(calls, 1), calls
 
 
-def _pillow_crop(img, box, size, interpolation):
-    from torchvision.transforms import functional as F
-    return F.resized_crop(img, box[1], box[0], box[3] - box[1], box[2] - box[0], [size[1], size[0]], interpolation)
-
-
 def pixel_stats(data_path, input_size, limit=256):
     """Our crops against timm's (a full decode, Pillow's crop and resize) of the same boxes (timm's
     RandomResizedCrop params): over every crop, the SIMD resize's mean and largest absolute
@@ -110,7 +105,7 @@ def pixel_stats(data_path, input_size, limit=256):
     from PIL import Image
     from timm.data.transforms import RandomResizedCropAndInterpolation as RRC
 
-    from util.data.decode import decode_rgb, drafted, resized_box
+    from util.data.decode import decode_rgb, drafted, pillow_resized_crop, resized_box
     rrc = RRC(input_size, interpolation="bicubic")
     files = sorted(glob.glob(os.path.join(data_path, "train", "*", "*.jpg")))[:limit]
     rng = random.Random(0)
@@ -121,12 +116,12 @@ def pixel_stats(data_path, input_size, limit=256):
         box, size = (j, i, j + w, i + h), (input_size, input_size)
         img, ratio = drafted(Image.open(f), min(w, h) / input_size)
         ours = np.asarray(resized_box(img, ratio, box, size, rrc.interpolation), np.float64)
-        timm = np.asarray(_pillow_crop(decode_rgb(Image.open(f)), box, size, rrc.interpolation), np.float64)
-        (draft if ratio != 1.0 else simd).append(ours)
+        timm = np.asarray(pillow_resized_crop(decode_rgb(Image.open(f)), box, size, rrc.interpolation), np.float64)
         if ratio != 1.0:
+            draft.append(ours)
             full.append(timm)
         else:
-            simd[-1] = np.abs(ours - timm)
+            simd.append(np.abs(ours - timm))
     out = {"pixel_simd_crops_compared": len(simd)}
     if simd:
         out["pixel_simd_mean_abs_diff"] = round(float(np.mean([d.mean() for d in simd])), 4)

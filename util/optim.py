@@ -70,12 +70,13 @@ def create_optimizer(model, lr, device, weight_decay, opt="adamw", opt_eps=None,
     if opt_name == "adamw" and str(device).startswith("cuda"):
         kw["fused"] = True
     try:
-        opt = create_optimizer_v2(groups, opt=opt_name, lr=lr, weight_decay=weight_decay, momentum=momentum, **kw)
+        optimizer = create_optimizer_v2(groups, opt=opt_name, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                        **kw)
     except (ValueError, AssertionError, KeyError) as e:
         raise UserError(f"cannot create optimizer --opt {opt_name!r} ({e}); try --opt adamw") from None
-    for g in opt.param_groups:  # which groups the weight-decay schedule may touch
+    for g in optimizer.param_groups:  # which groups the weight-decay schedule may touch
         g.setdefault("apply_wd", g["weight_decay"] > 0)
-    return opt
+    return optimizer
 
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_steps=-1,

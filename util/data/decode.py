@@ -89,6 +89,12 @@ def _pil_interp(interpolation):
 TORCH_MODES = {Image.BILINEAR: "bilinear", Image.BICUBIC: "bicubic"}  # Pillow's filters torch reproduces
 
 
+def pillow_resized_crop(img, box, size, interpolation):
+    """timm's and torchvision's op: `img.crop(box)` resized to `size` (w, h) by Pillow."""
+    left, top, right, bottom = box
+    return F.resized_crop(img, top, left, bottom - top, right - left, [size[1], size[0]], interpolation)
+
+
 def simd_resized_crop(img, box, size, interpolation):
     """Pillow's `img.crop(box).resize(size, interpolation)` (torchvision's resized_crop) through
     torch's uint8 antialiased interpolate, which ports Pillow's filters to SIMD: on these CPUs
@@ -100,7 +106,7 @@ def simd_resized_crop(img, box, size, interpolation):
     left, top, right, bottom = box
     inside = 0 <= left < right <= img.size[0] and 0 <= top < bottom <= img.size[1]
     if mode is None or img.mode != "RGB" or not inside:
-        return F.resized_crop(img, top, left, bottom - top, right - left, [size[1], size[0]], interpolation)
+        return pillow_resized_crop(img, box, size, interpolation)
     hwc = torch.from_numpy(np.array(img.crop(box)))  # the crop copied out, writable, channels last
     out = torch.nn.functional.interpolate(hwc.permute(2, 0, 1).unsqueeze(0), size=(size[1], size[0]),
                                           mode=mode, antialias=True)[0].contiguous().numpy()
