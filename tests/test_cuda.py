@@ -224,9 +224,16 @@ def test_keep_mask_sparse_semantics(fp32, ragged):
 def test_fused_adamw_is_the_optimizer():
     """util/optim.create_optimizer gives fused AdamW on CUDA (every parameter group, layer decay
     too), and a step with it moves the weights and keeps them finite."""
+    from types import SimpleNamespace
+
+    from engine_finetune import FinetuneTask
+    from main_finetune import get_args_parser
+    from util.config import parse_args
     from util.optim import create_optimizer
+    args = parse_args(get_args_parser(), FT_ARGS + ["--layer_decay", "0.8"])
     model = create_model("convnextv2_atto", num_classes=10).to(DEVICE)
-    opt = create_optimizer(model, 1e-3, torch.device(DEVICE), weight_decay=0.05, layer_decay=0.8)
+    settings = FinetuneTask.optimizer_settings(SimpleNamespace(args=args))  # the flags, as the Trainer hands them
+    opt = create_optimizer(model, 1e-3, torch.device(DEVICE), **settings)
     assert type(opt) is torch.optim.AdamW
     assert bool(opt.defaults.get("fused")) == ON_CUDA and len(opt.param_groups) > 2
     assert all(bool(g.get("fused")) == ON_CUDA for g in opt.param_groups)

@@ -75,3 +75,33 @@ def test_param_groups_decay_and_no_weight_decay_on_biases():
     assert by_id[(1, 0.05)]["lr_scale"] == 0.5 ** 4      # stem
     assert all(p.ndim > 1 for g in groups if g["weight_decay"] > 0 for p in g["params"])
     assert sum(len(g["params"]) for g in groups) == len(list(Tiny().parameters()))
+
+
+def test_each_task_hands_its_optimizer_flags_over():
+    """Fine-tuning's --opt, --opt_eps, --opt_betas, --momentum, --weight_decay and --layer_decay
+    reach the optimizer (Task.optimizer_settings -> create_optimizer); pretraining, which has none
+    of those flags but --weight_decay, gets AdamW with the original FCMAE betas (0.9, 0.95)."""
+    from types import SimpleNamespace
+
+    from engine_finetune import FinetuneTask
+    from engine_pretrain import PretrainTask
+    from main_finetune import get_args_parser as finetune_parser
+    from main_pretrain import get_args_parser as pretrain_parser
+    from models import create_fcmae, create_model
+    from util.config import parse_args
+    from util.optim import create_optimizer
+    cpu = torch.device("cpu")
+
+    def built(task, parser, argv, model):
+        settings = task.optimizer_settings(SimpleNamespace(args=parse_args(parser(), argv)))
+        return create_optimizer(model, 1e-3, cpu, **settings)
+    model = create_model("convnextv2_atto", num_classes=10)
+    opt = built(FinetuneTask, finetune_parser, ["--opt_betas", "0.8", "0.9", "--opt_eps", "1e-6",
+                                                "--layer_decay", "0.8", "--weight_decay", "0.1"], model)
+    assert type(opt) is torch.optim.AdamW and opt.defaults["betas"] == (0.8, 0.9) and opt.defaults["eps"] == 1e-6
+    assert len({g["lr_scale"] for g in opt.param_groups}) > 2 and max(g["weight_decay"] for g in opt.param_groups) == 0.1
+    opt = built(FinetuneTask, finetune_parser, ["--opt", "sgd", "--momentum", "0.5"], model)
+    assert type(opt) is torch.optim.SGD and opt.defaults["momentum"] == 0.5
+    opt = built(PretrainTask, pretrain_parser, ["--weight_decay", "0.02"], create_fcmae("convnextv2_atto"))
+    assert type(opt) is torch.optim.AdamW and opt.defaults["betas"] == (0.9, 0.95)
+    assert {g["lr_scale"] for g in opt.param_groups} == {1.0} and max(g["weight_decay"] for g in opt.param_groups) == 0.02
