@@ -164,3 +164,31 @@ def test_bf16_autocast_pretrain_and_finetune_paths():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_decoder_on_removed_rows_gives_the_dense_loss_and_gradients():
+    """The prediction layer's backward runs on removed rows only: the loss, every gradient and
+    the returned pred (kept patches too) equal the plain dense decoder's."""
+    torch.manual_seed(8)
+    m = create_fcmae("convnextv2_atto", decoder_embed_dim=32, decoder_depth=2)
+    for p in m.parameters():  # make GRN, the mask token and the biases matter
+        p.data.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, 64, 96)
+    mask = torch.tensor([[1.0, 0, 1, 0, 1, 1], [0, 1, 1, 1, 0, 0]])  # ragged: 4 and 3 removed
+    loss, pred, _ = m(x, mask=mask)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad()
+
+    keep = (mask == 0).view(2, 2, 3)
+    y = m.proj(m.encoder.forward_encoder(x, keep))
+    y = torch.where(mask.view(2, 1, 2, 3).bool(), m.mask_token, y)
+    ref_pred = m.pred(m.decoder(y)).flatten(2).transpose(1, 2)
+    target = m.patchify(x)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    ref_loss = ((ref_pred - target).pow(2).mean(-1) * mask).sum() / mask.sum()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(pred, ref_pred.detach(), atol=1e-5, rtol=1e-5)
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(grads[k], p.grad, atol=1e-6, rtol=1e-4, msg=k)
