@@ -316,7 +316,9 @@ class ConvNeXtV2(nn.Module):
             x = down(x)
             for block in stage:
                 x = self._run_block(block, x)
-        return self.norm(x.mean([-2, -1]))
+        # avg_pool2d's backward writes a channels_last gradient; x.mean's is an expanded
+        # (stride 0) tensor that turned the last stage's whole backward NCHW
+        return self.norm(F.avg_pool2d(x, x.shape[-2:]).flatten(1))
 
     def forward(self, x):
         return self.head(self.forward_features(x))
