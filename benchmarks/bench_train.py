@@ -13,7 +13,10 @@ engine_finetune.evaluate, fed from an in-memory loader. Each contender's very fi
 step is timed on its own (one-time costs: allocator, cuDNN autotuning, compilation), and its
 peak memory is measured per contender (see PeakMemory). `forward_gmacs` is counted with
 torch.utils.flop_counter on one forward at batch 1; `mfu` = 3 x 2 x MACs x img/s / the device's
-dense bf16 peak (a table of known GPUs, or --peak_tflops).
+dense bf16 peak (a table of known GPUs, or --peak_tflops). `finetune_gflops_per_img` and
+`pretrain_gflops_per_img` count one training step's forward + backward per image (FCMAE at mask
+ratio 0.6), so `pretrain_step_vs_finetune_step` (time) stands beside
+`pretrain_flops_vs_finetune_flops` (operations).
 """
 import argparse
 import ctypes
@@ -215,6 +218,40 @@ def forward_macs(model, input_size, device, channels_last):
     return counter.get_total_flops() / 2
 
 
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
+                         transposed, _output_padding, _groups, output_mask, out_shape=None, **kwargs):
+    """FLOPs of aten.convolution_backward: each of grad_input and grad_weight costs what the
+    forward does. torch's own formula transposes the weight's shape and so counts a depthwise
+    conv's backward `groups` times over (40x for atto's first stage); this one does not."""
+    from torch.utils.flop_counter import conv_flop_count
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def step_gflops(step, n_images):
+    """GFLOPs per image of one forward + backward `step()` (torch's FLOP counter: convolutions
+    and matmuls, with the depthwise conv's backward counted right)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False, custom_mapping={
+            torch.ops.aten.convolution_backward: _conv_backward_flops}) as counter:
+        step()
+    return counter.get_total_flops() / n_images / 1e9
+
+
+def train_step_gflops(models, input_size, device):
+    """{finetune,pretrain}_gflops_per_img: one training step's forward + backward per image, at
+    batch 2 (FCMAE with mask ratio 0.6); the gradients it leaves are cleared."""
+    import torch.nn.functional as F
+    x = torch.randn(2, 3, input_size, input_size, device=device)
+    steps = {"finetune": lambda m: F.cross_entropy(m(x), torch.zeros(2, dtype=torch.long, device=device)).backward(),
+             "pretrain": lambda m: m(x, mask_ratio=0.6)[0].backward()}
+    out = {}
+    for name, model in models.items():
+        out[f"{name}_gflops_per_img"] = round(step_gflops(lambda: steps[name](model), 2), 3)
+        model.zero_grad(set_to_none=True)
+    return out
+
+
 def _batches(a, device):
     """The prepared batches every contender trains on (on the device, in its memory format)."""
     fmt = torch.channels_last if a.channels_last else torch.contiguous_format
@@ -291,7 +328,7 @@ def build_contenders(a):
     contenders = [Contender(name, lambda f=f: f(loader), lambda f=f: f(one), n)
                   for name, f in (("finetune", finetune), ("pretrain", pretrain), ("eval", evaluate))]
     contenders.append(Contender("plain_timm", lambda: plain(batches), lambda: plain(batches[:1]), n))
-    return contenders, device, ours
+    return contenders, device, {"finetune": ours, "pretrain": fcmae}
 
 
 class _StderrWatch:
@@ -375,7 +412,7 @@ def bench_engines(a):
     from util.speed import tune_allocator
     tuned = tune_allocator(True) if not a.no_malloc_tuning else False
     t0 = time.perf_counter()
-    contenders, device, model = build_contenders(a)
+    contenders, device, models = build_contenders(a)
     mem = PeakMemory(device)
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
             _StderrWatch("warning: --compile:") as compile_warnings:  # the engines' lines
@@ -388,7 +425,8 @@ def bench_engines(a):
                 c.run(device, mem)
     elapsed = time.perf_counter() - t0
     prof = profile_call(contenders[0].fn, device, a.profile) if a.profile else {}  # fine-tuning
-    macs = forward_macs(model, a.input_size, device, a.channels_last)
+    macs = forward_macs(models["finetune"], a.input_size, device, a.channels_last)
+    flops = train_step_gflops(models, a.input_size, device)
     out = {f"{c.name}_img_per_s": round(c.img_per_s(), 2) for c in contenders}
     out.update({f"{c.name}_page_faults_per_step": int(statistics.median(c.faults) / a.steps) for c in contenders})
     out["first_step_s"] = round(contenders[0].first_s, 3)  # fine-tuning, as the scripts' first step
@@ -404,6 +442,7 @@ def bench_engines(a):
                             "malloc_in_use_sampled" if peaks else "max_rss")
     out["max_rss_mb"] = round(max_rss, 1)
     out["forward_gmacs"] = round(macs / 1e9, 4)
+    out.update(flops, pretrain_flops_vs_finetune_flops=round(flops["pretrain_gflops_per_img"] / flops["finetune_gflops_per_img"], 3))
     tf, tf_from = peak_tflops(a, device)
     if tf:
         for key, name in (("mfu", "finetune"), ("plain_timm_mfu", "plain_timm")):

@@ -149,7 +149,8 @@ def test_bench_train_smoke():
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     names = ("finetune", "pretrain", "eval", "plain_timm")
-    keys = ["peak_mem_mb", "first_step_s", "forward_gmacs", "mfu", "plain_timm_mfu", "max_rss_mb"]
+    keys = ["peak_mem_mb", "first_step_s", "forward_gmacs", "mfu", "plain_timm_mfu", "max_rss_mb",
+            "finetune_gflops_per_img", "pretrain_gflops_per_img", "pretrain_flops_vs_finetune_flops"]
     keys += [f"{n}_{k}" for n in names for k in ("img_per_s", "first_step_s", "peak_mem_mb", "step_mem_mb")]
     for k in keys:
         assert isinstance(out.get(k), (int, float)) and out[k] > 0, (k, out.get(k))
@@ -157,6 +158,8 @@ def test_bench_train_smoke():
     assert out["first_step_s"] == out["finetune_first_step_s"]
     # convnextv2_atto: 0.55 GMACs at 224 px (timm's figure), so (64/224)^2 of it here
     assert out["forward_gmacs"] == pytest.approx(0.55 * (64 / 224) ** 2, rel=0.05)
+    # a training step is about 3 forwards (the stem's input needs no gradient)
+    assert 2.5 < out["finetune_gflops_per_img"] / (2 * out["forward_gmacs"]) < 3.0
 
 
 def test_mfu_peak_table(monkeypatch):
@@ -169,3 +172,15 @@ def test_mfu_peak_table(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         assert bench.peak_tflops(a, torch.device("cuda"))[0] == tf, name
     assert bench.peak_tflops(argparse.Namespace(peak_tflops=123.0), torch.device("cuda")) == (123.0, "--peak_tflops")
+
+
+def test_flop_count_of_a_depthwise_conv_backward():
+    """The benchmark's FLOPs per step: a conv's backward costs its forward once per gradient
+    (input, weight), also for a depthwise conv, which torch's own formula counts `groups` times over."""
+    bench = _bench()
+    conv = torch.nn.Conv2d(40, 40, 7, padding=3, groups=40)
+    x = torch.randn(2, 40, 16, 16, requires_grad=True)
+    forward = 2 * 2 * 40 * 16 * 16 * 49  # 2 FLOPs a MAC
+    assert bench.step_gflops(lambda: conv(x).sum().backward(), 1) * 1e9 == pytest.approx(forward * 3)
+    x = torch.randn(2, 40, 16, 16)  # no input gradient wanted: forward + weight gradient
+    assert bench.step_gflops(lambda: conv(x).sum().backward(), 1) * 1e9 == pytest.approx(forward * 2)
