@@ -184,8 +184,11 @@ def place_model(model, ema, amp, args, dist):
         model.to(memory_format=torch.channels_last)
     wrapped = model
     if dist.distributed:
+        # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets rather
+        # than a second copy of them (one model's worth of gradient memory less per process)
         wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
     return Models(wrapped, maybe_compile(wrapped, args.compile), model, ema, amp)
 
 
