@@ -79,9 +79,10 @@ class FCMAE(nn.Module):
         ids = torch.rand(n, length, device=device).argsort(dim=1)[:, :keep]
         return torch.ones(n, length, device=device).scatter_(1, ids, 0.0)
 
-    def forward_decoder(self, x, mask):
-        """x: encoder map [N, d, h, w]; mask [N, L] (1 = removed) -> (pred [N, L, p*p*C], the
-        predictions of the removed patches [R, p*p*C] in the order of mask's nonzeros).
+    def forward_decoder(self, x, mask, lost):
+        """x: encoder map [N, d, h, w]; mask [N, L] (1 = removed); lost: the flat indices of
+        the removed patches (mask.view(-1)'s nonzeros) -> (pred [N, L, p*p*C], the removed
+        patches' predictions [R, p*p*C], in the order of `lost`).
 
         Only the removed patches enter the loss, so the last layer (the decoder's largest: 512
         -> p*p*C per patch) computes the kept patches' predictions without gradient and its
@@ -94,30 +95,25 @@ class FCMAE(nn.Module):
         x = torch.where(removed, self.mask_token.to(x.dtype), x)
         rows = self.decoder(x).permute(0, 2, 3, 1).reshape(n * h * w, d)
         weight, bias = self.pred.weight.view(self.pred.out_channels, d), self.pred.bias
-        flat = mask.reshape(-1) != 0
-        lost, kept = flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
         pred_lost = F.linear(rows.index_select(0, lost), weight, bias)
+        kept = (mask.reshape(-1) == 0).nonzero().squeeze(1)
         with torch.no_grad():
             pred = rows.new_empty(n * h * w, weight.shape[0]).index_copy_(
                 0, kept, F.linear(rows.index_select(0, kept), weight, bias))
         pred = pred.index_copy(0, lost, pred_lost)  # the removed rows carry the gradient
         return pred.view(n, h * w, -1), pred_lost
 
-    def forward_loss(self, imgs, pred, mask):
-        """pred [N, L, p*p*C], or the removed patches' rows [R, p*p*C] (mask's nonzeros in
-        order); MSE per patch, averaged over removed patches."""
+    def forward_loss(self, imgs, pred_lost, lost):
+        """pred_lost [R, p*p*C]: the removed patches' predictions, in the order of `lost` (their
+        flat indices into [N * L]); MSE per patch, averaged over the removed patches."""
         target = self.patchify(imgs)
-        if pred.dim() == 2:
-            target = target.reshape(-1, target.shape[-1])[mask.reshape(-1).nonzero().squeeze(1)]
-        if self.norm_pix_loss:
+        target = target.reshape(-1, target.shape[-1]).index_select(0, lost)
+        if self.norm_pix_loss and len(lost):
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        loss = (pred.float() - target.float()).pow(2).mean(dim=-1)
-        if pred.dim() == 2:  # removed rows only: a mask that removes nothing gives loss 0
-            return loss.sum() / max(loss.shape[0], 1)
-        # clamp: a mask that removes nothing gives loss 0 rather than 0/0
-        return (loss * mask).sum() / mask.sum().clamp_min(1.0)
+        loss = (pred_lost.float() - target.float()).pow(2).mean(dim=-1)
+        return loss.sum() / max(len(lost), 1)  # a mask that removes nothing: loss 0, not 0/0
 
     def forward(self, imgs, labels=None, mask_ratio=None, mask=None):
         """imgs [N, C, H, W] (H, W multiples of patch_size). `mask_ratio` defaults to the
@@ -145,8 +141,9 @@ class FCMAE(nn.Module):
         mask = mask.to(imgs.dtype) if mask.dtype == torch.bool else mask
         keep = (mask == 0).view(n, *grid)
         x = self.encoder.forward_encoder(imgs, keep)
-        pred, pred_lost = self.forward_decoder(x, mask)
-        loss = self.forward_loss(imgs, pred_lost, mask)
+        lost = mask.reshape(-1).nonzero().squeeze(1)
+        pred, pred_lost = self.forward_decoder(x, mask, lost)
+        loss = self.forward_loss(imgs, pred_lost, lost)
         return loss, pred, mask
 
 
