@@ -218,22 +218,20 @@ def forward_macs(model, input_size, device, channels_last):
     return counter.get_total_flops() / 2
 
 
-def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
-                         transposed, _output_padding, _groups, output_mask, out_shape=None, **kwargs):
-    """FLOPs of aten.convolution_backward: each of grad_input and grad_weight costs what the
-    forward does. torch's own formula transposes the weight's shape and so counts a depthwise
-    conv's backward `groups` times over (40x for atto's first stage); this one does not."""
-    from torch.utils.flop_counter import conv_flop_count
-    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
-    return forward * (int(output_mask[0]) + int(output_mask[1]))
-
-
 def step_gflops(step, n_images):
     """GFLOPs per image of one forward + backward `step()` (torch's FLOP counter: convolutions
     and matmuls, with the depthwise conv's backward counted right)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False, custom_mapping={
-            torch.ops.aten.convolution_backward: _conv_backward_flops}) as counter:
+    from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+    def conv_backward(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
+                      transposed, _output_padding, _groups, output_mask, out_shape=None, **kwargs):
+        # each of grad_input and grad_weight costs what the forward does; torch's own formula
+        # transposes the weight's shape and so counts a depthwise conv's backward `groups`
+        # times over (40x for atto's first stage)
+        forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+        return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward}) as counter:
         step()
     return counter.get_total_flops() / n_images / 1e9
 
