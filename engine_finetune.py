@@ -1,16 +1,19 @@
 """Fine-tuning as a Task (util/trainer.py): the classes and model (ours or any timm model, from
---finetune weights), the loss of a batch (mixup / cutmix, label smoothing), evaluation (top-1,
-top-5, loss with exact distributed counts, the EMA too) and the best metric."""
+--finetune weights, the first stages frozen with --freeze_stages), the loss of a batch (mixup /
+cutmix, label smoothing, --bce_loss), evaluation (top-1, top-5, top-1 per class, loss with
+exact distributed counts, the EMA too) and the best metric."""
 import argparse
 import os
 
 import torch
-import torch.distributed as dist
 
 from models.errors import ModelError
 from util.console import info
-from util.errors import UserError
-from util.trainer import Task, as_user_error
+from util.data.bad_images import bad_image_counts
+from util.data.device_batches import device_loader, on_device
+from util.distributed import is_dist
+from util.errors import UserError, as_user_error
+from util.trainer import Task
 
 
 def build_model(args, nb_classes):
@@ -33,7 +36,13 @@ def build_mixup(args, nb_classes):
 
 
 def build_criterion(args, mixup_fn):
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    """The training loss, as timm's train.py picks it: soft targets under mixup / cutmix (which
+    smooth the labels themselves), label smoothing, or plain cross-entropy; with --bce_loss
+    timm's BinaryCrossEntropy in each case."""
+    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if args.bce_loss:
+        smoothing = 0.0 if mixup_fn is not None else args.smoothing
+        return BinaryCrossEntropy(smoothing=smoothing, target_threshold=args.bce_target_thresh)
     if mixup_fn is not None:
         return SoftTargetCrossEntropy()
     if args.smoothing > 0:
@@ -87,7 +96,6 @@ class FinetuneTask(Task):
 
     def __init__(self, args, dist):
         from util.data import build_dataset, build_eval_loader, build_transform, check_same_classes
-        from util.data.device_batches import on_device
         uint8 = on_device(args, dist.device)
         train_set, nb_classes = build_dataset(True, args, transform=build_transform(True, args, uint8))
         val_set = None
@@ -99,8 +107,11 @@ class FinetuneTask(Task):
         self.best_name = "test_acc1_ema" if (args.model_ema and args.model_ema_eval) else "test_acc1"
         self.mixup_fn = build_mixup(args, nb_classes)
         self.criterion = build_criterion(args, self.mixup_fn)
-        self.val_loader = None if val_set is None else self.device_batches(
-            build_eval_loader(val_set, args, dist.world_size, dist.rank))
+        self.val_loader = None if val_set is None else device_loader(
+            build_eval_loader(val_set, args, dist.world_size, dist.rank), args, dist.device)
+        if args.reprob > 0:
+            from util.data.device_batches import RandomErasingBySample
+            self.train_erasing = RandomErasingBySample(args.reprob, args.remode, args.recount)
 
     def optimizer_settings(self):
         """The optimizer flags (--opt, --opt_eps, --opt_betas, --momentum, --layer_decay...)."""
@@ -111,17 +122,21 @@ class FinetuneTask(Task):
     def build_model(self):
         return build_model(self.args, self.nb_classes)
 
-    def train_erasing(self):
-        if self.args.reprob <= 0:
-            return None
-        from util.data.device_batches import RandomErasingBySample
-        return RandomErasingBySample(self.args.reprob, self.args.remode, self.args.recount)
-
     def prepare(self, model):
+        extra = {}
         if self.args.finetune:
-            return load_finetune_weights(self.args, model)
-        note_head_init_scale(self.args)
-        return {}
+            extra = load_finetune_weights(self.args, model)
+        else:
+            note_head_init_scale(self.args)
+        n = self.args.freeze_stages
+        if n:  # the stem and the first n stages: no gradients, so no optimizer state and no decay
+            ours = hasattr(model, "downsample_layers")  # timm's ConvNeXt keeps its downsampling inside stages
+            if not hasattr(model, "stages") or not (ours or hasattr(model, "stem")):
+                raise UserError(f"--freeze_stages: {self.args.model} has no stem and stages to freeze; "
+                                "use a ConvNeXt (V2) model or --freeze_stages 0")
+            for part in [*model.stages[:n], *(model.downsample_layers[:n] if ours else [model.stem])]:
+                part.requires_grad_(False)
+        return extra
 
     def make_ema(self, model):
         if not self.args.model_ema:
@@ -146,17 +161,18 @@ class FinetuneTask(Task):
         """The model, and the EMA with --model_ema_eval (on its own device: --model_ema_force_cpu)."""
         args, device = self.args, self.dist.device
         stats = evaluate(self.val_loader, models.model, device, models.amp, reduce=args.dist_eval,
-                         channels_last=args.channels_last)
+                         channels_last=args.channels_last, num_classes=self.nb_classes)
         if models.ema is not None and args.model_ema_eval:
             ema_device = next(models.ema.module.parameters()).device
             ema = evaluate(self.val_loader, models.ema.module, ema_device,
                            models.amp if ema_device == device else None, reduce=args.dist_eval,
-                           channels_last=args.channels_last)
+                           channels_last=args.channels_last, num_classes=self.nb_classes)
             stats.update({f"{k}_ema": v for k, v in ema.items()})
         return stats
 
     def final_eval(self, models):
-        stats = {**self.evaluate_models(models), **self.bad_images()}
+        stats = {**self.evaluate_models(models),
+                 **bad_image_counts(self.train_set, self.val_set, self.args.max_bad_images)}
         info(f"Accuracy of the network on the {stats['n']} test images: {stats['acc1']:.2f}%")
         if "acc1_ema" in stats:
             info(f"Accuracy of the EMA model: {stats['acc1_ema']:.2f}%")
@@ -164,11 +180,13 @@ class FinetuneTask(Task):
 
 
 @torch.no_grad()
-def evaluate(data_loader, model, device, amp=None, reduce=True, channels_last=False):
-    """Accuracy over the loader; with `reduce`, counts are summed over ranks (no padding, exact)."""
+def evaluate(data_loader, model, device, amp=None, reduce=True, channels_last=False, num_classes=None):
+    """Accuracy over the loader (top-1 per class too, with `num_classes`); with `reduce`, counts
+    are summed over ranks (no padding, exact)."""
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    per_class = None if not num_classes else torch.zeros(2, num_classes, dtype=torch.float64, device=device)
     n_local = 0  # counted on the host: no device read per batch
     for images, target in data_loader:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -183,14 +201,21 @@ def evaluate(data_loader, model, device, amp=None, reduce=True, channels_last=Fa
         hit = top.eq(target[:, None])
         sums[:3] += torch.stack([criterion(output, target).double(), hit[:, :1].sum().double(),
                                  hit.sum().double()])
+        if per_class is not None:  # [2, classes]: top-1 hits, samples
+            per_class[0].index_add_(0, target, hit[:, 0].double())
+            per_class[1].index_add_(0, target, torch.ones_like(target, dtype=torch.float64))
         n_local += len(target)
     sums[3] = n_local
-    if reduce and dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "nccl" and sums.device.type != "cuda":  # an EMA kept on the CPU
-            sums = sums.cuda()
-        dist.all_reduce(sums)
-    loss, c1, c5, n = sums.tolist()
+    counts = sums if per_class is None else torch.cat([sums, per_class.flatten()])
+    if reduce and is_dist():
+        if torch.distributed.get_backend() == "nccl" and counts.device.type != "cuda":  # an EMA kept on the CPU
+            counts = counts.cuda()
+        torch.distributed.all_reduce(counts)
+    loss, c1, c5, n = counts[:4].tolist()
     n = max(n, 1)
     stats = {"loss": loss / n, "acc1": 100 * c1 / n, "acc5": 100 * c5 / n, "n": int(n)}
+    if per_class is not None:  # None for a class with no validation image
+        hits, seen = counts[4:].view(2, -1).tolist()
+        stats["acc1_per_class"] = [100 * h / c if c else None for h, c in zip(hits, seen)]
     info(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} (n={stats['n']})")
     return stats

@@ -4,7 +4,9 @@ TensorBoard to judge a run."""
 import torch
 
 from models.errors import ModelError
-from util.trainer import Task, as_user_error
+from util.data.device_batches import on_device
+from util.errors import as_user_error
+from util.trainer import Task
 
 # the arguments of models.create_fcmae and the flags that set them
 FLAGS = {"mask_ratio": "--mask_ratio", "decoder_depth": "--decoder_depth",
@@ -36,7 +38,6 @@ class PretrainTask(Task):
 
     def __init__(self, args, dist):
         from util.data import build_dataset, build_pretrain_transform
-        from util.data.device_batches import on_device
         train_set, _ = build_dataset(True, args, transform=build_pretrain_transform(args, on_device(args, dist.device)))
         super().__init__(args, dist, train_set)
         self.vis_images = None  # the grid's images, read at its first drawing (rank 0)

@@ -5,7 +5,7 @@ Same code path as fine-tuning: one CPU process, `torchrun`, or Slurm (submitit_p
 import functools
 
 from util.config import parse_args
-from util.errors import exit_on_user_error
+from util.errors import user_errors
 from util.flags import build_parser
 from util.validate import check_args, check_cheap
 
@@ -30,36 +30,28 @@ def model_builder(args, nb_classes=None):
     return functools.partial(build_model, args)
 
 
-@exit_on_user_error
 def main(args, epoch_callback=None, record_extra=None, on_run_dir=None):
     """Pretrain. `epoch_callback(epoch, log)` runs after each epoch on every rank (the
     hyperparameter search reports and prunes there); `record_extra`: more fields for run.json;
     `on_run_dir(run_dir)`: told the run directory on every rank once it is chosen. `args` is
     read, never written."""
-    from util.trainer import model_errors_as_user_errors  # torch from here on
-    return model_errors_as_user_errors(_run)(args, epoch_callback, record_extra, on_run_dir)
-
-
-def _run(args, epoch_callback, record_extra, on_run_dir):
-    """main's work, its torch-importing modules imported now."""
-    from engine_pretrain import PretrainTask
+    from engine_pretrain import PretrainTask  # torch from here on
     from util.run_context import start_process
-    from util.train_loop import train_one_epoch
     from util.trainer import Trainer
     validate_args(args)
     dist = start_process(args)
-    task = PretrainTask(args, dist)
-    trainer = Trainer(args, task, dist, on_run_dir=on_run_dir)
+    trainer = Trainer(args, PretrainTask(args, dist), dist, on_run_dir=on_run_dir)
     if args.preflight:
         return trainer.preflight()
-    return trainer.fit(train_one_epoch, epoch_callback, record_extra)
+    return trainer.fit(epoch_callback, record_extra)
 
 
 if __name__ == "__main__":
-    args = exit_on_user_error(parse_args)(get_args_parser())
-    if args.optimize_config or args.storage:
-        from util.hpo import optimize
-        optimize(args, "pretrain")
-    else:
-        exit_on_user_error(check_cheap)(args, "pretrain")  # one line before torch is imported
-        main(args)
+    with user_errors():
+        args = parse_args(get_args_parser())
+        if args.optimize_config or args.storage:
+            from util.hpo import optimize
+            optimize(args, "pretrain")
+        else:
+            check_cheap(args, "pretrain")  # one line before torch is imported
+            main(args)

@@ -8,22 +8,22 @@ import sys
 
 import main_finetune
 from util import slurm
-from util.errors import exit_on_user_error
+from util.errors import user_errors
 
 
 def get_args_parser():
     return slurm.launcher_parser(main_finetune)
 
 
-@exit_on_user_error
+@user_errors()
 def main(argv=None):
     """Submit one run (or --dry_run), or with --optimize_config a search whose trials are jobs;
     returns the exit code."""
-    launch = slurm.check_launch("finetune", "main_finetune", argv)
-    if launch.margs.optimize_config or launch.margs.storage:
+    args, margs = slurm.check_launch("finetune", "main_finetune", argv)
+    if margs.optimize_config or margs.storage:
         from util.hpo.slurm import optimize_slurm  # torch (util.hpo): after the launch's checks
-        return optimize_slurm(launch.kind, launch.args, launch.margs)
-    return slurm.submit_run(launch)
+        return optimize_slurm("finetune", args, margs)
+    return slurm.submit_run("finetune", "main_finetune", args, margs)
 
 
 if __name__ == "__main__":

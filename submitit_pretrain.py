@@ -9,22 +9,22 @@ import sys
 
 import main_pretrain
 from util import slurm
-from util.errors import exit_on_user_error
+from util.errors import user_errors
 
 
 def get_args_parser():
     return slurm.launcher_parser(main_pretrain)
 
 
-@exit_on_user_error
+@user_errors()
 def main(argv=None):
     """Submit one run (or --dry_run), or with --optimize_config a search whose trials are jobs;
     returns the exit code."""
-    launch = slurm.check_launch("pretrain", "main_pretrain", argv)
-    if launch.margs.optimize_config or launch.margs.storage:
+    args, margs = slurm.check_launch("pretrain", "main_pretrain", argv)
+    if margs.optimize_config or margs.storage:
         from util.hpo.slurm import optimize_slurm  # torch (util.hpo): after the launch's checks
-        return optimize_slurm(launch.kind, launch.args, launch.margs)
-    return slurm.submit_run(launch)
+        return optimize_slurm("pretrain", args, margs)
+    return slurm.submit_run("pretrain", "main_pretrain", args, margs)
 
 
 if __name__ == "__main__":

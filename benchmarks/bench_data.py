@@ -1,5 +1,5 @@
 """Images per second per loader worker of our training data pipeline against a plain one, on
-one image folder, timed round-robin (issue 13, item 2):
+one image folder, timed round-robin:
 
 - `plain`: torchvision ImageFolder + timm create_transform(is_training=True), our fine-tuning
   recipe (RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, bicubic, ImageNet mean/std),
@@ -18,6 +18,7 @@ per-channel mean and std of both).
 Without --data_path a temporary set is written by benchmarks/make_bench_images.py.
 """
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -83,16 +84,33 @@ def time_loaders(sets, workers, rounds, batch_size=32):
     return times
 
 
+@contextlib.contextmanager
+def counting_drafts():
+    """{"hits", "calls"}: how often the draft fired (decoded at reduced size) in this process, of
+    how many drafting decodes, while inside (util.data.decode.drafted wrapped, then restored)."""
+    from util.data import decode
+    counts, plain = {"hits": 0, "calls": 0}, decode.drafted
+
+    def counted(img, shrink):
+        img, ratio = plain(img, shrink)
+        counts["calls"] += 1
+        counts["hits"] += ratio != 1.0
+        return img, ratio
+    decode.drafted = counted
+    try:
+        yield counts
+    finally:
+        decode.drafted = plain
+
+
 def draft_hit_rate(ds, limit=512):
     """The share of training samples whose crop the draft decoded at reduced size (in-process)."""
-    from util.data.decode import draft_counts, reset_counts
-    reset_counts()
     random.seed(0)
     torch.manual_seed(0)
-    for i in range(min(len(ds), limit)):
-        ds[i]
-    hits, calls = draft_counts()["DraftRandomResizedCrop"]
-    return hits / max(calls, 1), calls
+    with counting_drafts() as counts:
+        for i in range(min(len(ds), limit)):
+            ds[i]
+    return counts["hits"] / max(counts["calls"], 1), counts["calls"]
 
 
 def pixel_stats(data_path, input_size, limit=256):

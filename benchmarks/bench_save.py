@@ -1,4 +1,4 @@
-"""Peak host memory of one checkpoint save: the earlier BytesIO path against util.atomic's stream.
+"""Peak host memory of one checkpoint save: the earlier BytesIO path against atomic.py's stream.
 
     python benchmarks/bench_save.py                       # convnextv2_base with its AdamW state
     python benchmarks/bench_save.py --model convnextv2_atto --json
@@ -11,7 +11,7 @@ not available the figure is the growth of ru_maxrss, which only sees memory abov
 earlier peak (`peak_kind` says which). Contenders:
   before  torch.save into an io.BytesIO, then atomic_write_bytes(path, buf.getvalue()) (the code
           before issue 12)
-  after   util.atomic.atomic_torch_save: torch.save straight into the temporary file
+  after   atomic.atomic_torch_save: torch.save straight into the temporary file
 """
 import argparse
 import gc
@@ -56,14 +56,14 @@ def _save_before(state, path):
     """The earlier code, reproduced: the whole checkpoint in a BytesIO, then its bytes written."""
     import torch
 
-    from util.atomic import atomic_write_bytes
+    from models.atomic import atomic_write_bytes
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def _save_after(state, path):
-    from util.atomic import atomic_torch_save
+    from models.atomic import atomic_torch_save
     atomic_torch_save(state, path)
 
 

@@ -50,9 +50,10 @@ class InMemoryLoader:
         return len(self.batches)
 
 
-def _loop_state(amp, steps):
-    from util.train_loop import LoopState
-    return LoopState(amp=amp, updates_per_epoch=steps, print_freq=10 ** 9)
+def _loop_args(a):
+    """The settings train_one_epoch reads from a run's args: no accumulation, clipping or log lines."""
+    return argparse.Namespace(update_freq=1, clip_grad=None, print_freq=10 ** 9, skip_nonfinite=0,
+                              channels_last=a.channels_last, compile=a.compile)
 
 
 def _sync(device):
@@ -261,9 +262,8 @@ def _batches(a, device):
 
 def _plain_timm(a, ref, amp, crit):
     """The reference contender: a plain training loop over timm's own model, AdamW."""
-    from util.speed import maybe_compile
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.05)
-    ref_run = maybe_compile(ref, a.compile)  # the same fallback as ours where compiling fails
+    ref_run = torch.compile(ref) if a.compile else ref
 
     def plain(bs):
         ref_run.train()
@@ -282,7 +282,6 @@ def build_contenders(a):
     import timm
     import engine_finetune
     import engine_pretrain
-    from util.speed import maybe_compile
     from models import create_fcmae, create_model
     from util.optim import create_optimizer
     from util.train_loop import Amp, train_one_epoch
@@ -301,22 +300,21 @@ def build_contenders(a):
 
     ours = prep(create_model(a.model, num_classes=1000))
     ours_opt = create_optimizer(ours, 1e-4, device, **opt_kw)
-    ours_run = maybe_compile(ours, a.compile)
+    ours_run = torch.compile(ours) if a.compile else ours
     crit = torch.nn.CrossEntropyLoss()
-    st = _loop_state(amp, a.steps)
+    st = _loop_args(a)
     fcmae = prep(create_fcmae(a.model, decoder_embed_dim=512))
     fcmae_opt = create_optimizer(fcmae, 1e-4, device, betas=(0.9, 0.95), **opt_kw)
-    fcmae_run = maybe_compile(fcmae, a.compile)
-    st_pre = _loop_state(amp, a.steps)
+    fcmae_run = torch.compile(fcmae) if a.compile else fcmae
     plain = _plain_timm(a, prep(timm.create_model(a.model, num_classes=1000)), amp, crit)
 
     def finetune(ld):
         train_one_epoch(ours_run, functools.partial(engine_finetune.classification_loss, criterion=crit), ld,
-                        ours_opt, device, 0, st)
+                        ours_opt, device, 0, st, amp)
 
     def pretrain(ld):
         train_one_epoch(fcmae_run, functools.partial(engine_pretrain.masked_loss, mask_ratio=0.6), ld,
-                        fcmae_opt, device, 0, st_pre)
+                        fcmae_opt, device, 0, st, amp)
 
     def evaluate(ld):
         engine_finetune.evaluate(ld, ours_run, device, amp, reduce=False, channels_last=a.channels_last)
@@ -327,28 +325,6 @@ def build_contenders(a):
                   for name, f in (("finetune", finetune), ("pretrain", pretrain), ("eval", evaluate))]
     contenders.append(Contender("plain_timm", lambda: plain(batches), lambda: plain(batches[:1]), n))
     return contenders, device, {"finetune": ours, "pretrain": fcmae}
-
-
-class _StderrWatch:
-    """Pass stderr through and keep the lines that start with `prefix` (the one-line warning of
-    util/speed.maybe_compile when compiling fails and the contender runs eagerly)."""
-
-    def __init__(self, prefix):
-        self.prefix, self.lines, self.real = prefix, [], None
-
-    def write(self, text):
-        self.lines += [line for line in text.splitlines() if line.startswith(self.prefix)]
-        return self.real.write(text)
-
-    def flush(self):
-        self.real.flush()
-
-    def __enter__(self):
-        self.real, sys.stderr = sys.stderr, self
-        return self.lines
-
-    def __exit__(self, *exc):
-        sys.stderr = self.real
 
 
 # profiler keys (inclusive time) of the parts the summary names; GRN is our autograd Function
@@ -388,14 +364,13 @@ def profile_call(fn, device, path, rows=30):
     return out
 
 
-def _settings(a, device, compile_warnings):
+def _settings(a, device):
     """What the figures were measured under (autocast dtype, cuDNN autotuning, compilation)."""
     from util.train_loop import Amp
     amp = Amp.create(a.use_amp, device)
     out = {"amp_dtype": str(amp.dtype).replace("torch.", "") if amp.enabled else None,
            "grad_scaler": amp.scaler.is_enabled(), "cudnn_benchmark": torch.backends.cudnn.benchmark}
     if a.compile:
-        out["compile_fell_back"] = bool(compile_warnings)
         try:
             from torch._dynamo.utils import counters
             out["compile_unique_graphs"] = int(counters["stats"]["unique_graphs"])
@@ -412,8 +387,7 @@ def bench_engines(a):
     t0 = time.perf_counter()
     contenders, device, models = build_contenders(a)
     mem = PeakMemory(device)
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
-            _StderrWatch("warning: --compile:") as compile_warnings:  # the engines' lines
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # the engines' lines
         for c in contenders:  # each one's very first step, alone
             c.run_first(device)
         for c in contenders:  # a whole warm-up call (allocator, autotuning, shapes), untimed
@@ -453,7 +427,7 @@ def bench_engines(a):
                compile=a.compile, use_amp=a.use_amp, malloc_tuned=tuned, device=str(device),
                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                threads=torch.get_num_threads(), torch=torch.__version__)
-    out.update(_settings(a, device, compile_warnings), **prof)
+    out.update(_settings(a, device), **prof)
     return out
 
 
@@ -483,10 +457,8 @@ def checkpointing_contenders(a):
             model = build(grad_checkpointing=ckpt).to(device)
             opt = create_optimizer(model, 1e-4, device, betas=(0.9, 0.95) if kind == "pretrain" else None,
                                    **opt_kw)
-            st = _loop_state(amp, a.steps)
-
-            def step(ld, model=model, opt=opt, st=st, loss=losses[kind]):
-                train_one_epoch(model, loss, ld, opt, device, 0, st)
+            def step(ld, model=model, opt=opt, loss=losses[kind]):
+                train_one_epoch(model, loss, ld, opt, device, 0, _loop_args(a), amp)
             name = kind + ("_grad_ckpt" if ckpt else "")
             contenders.append(Contender(name, lambda f=step: f(loader), lambda f=step: f(one),
                                         a.steps * a.batch_size))

@@ -244,7 +244,7 @@ print(f"  tests: {tests}")
 keys = ("finetune_vs_plain", "mfu", "plain_timm_mfu", "pretrain_step_vs_finetune_step",
         "pretrain_flops_vs_finetune_flops", "eval_vs_finetune",
         "finetune_img_per_s", "plain_timm_img_per_s", "finetune_first_step_s", "peak_mem_mb",
-        "compile_fell_back", "compile_graph_breaks", "profile_grn_share", "profile_layer_norm_share")
+        "compile_graph_breaks", "profile_grn_share", "profile_layer_norm_share")
 for name, b in bench.items():
     if name.startswith("loader"):
         print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in b.items()))

@@ -9,11 +9,12 @@ Takes, and turns into `ConvNeXtV2` names and shapes (`encoder_state_dict`):
 - timm's convnextv2 (`stem.0.weight`, `stages.0.blocks.0.mlp.grn.weight` [dim], ...);
 - Hugging Face transformers' ConvNextV2ForImageClassification / ConvNextV2Model
   (`convnextv2.embeddings...`, `convnextv2.encoder.stages...`, `classifier.*`).
-Files: torch (`.pth`, `.pt`, `.bin`; weights-only load), `.safetensors`, or a Hugging Face
-folder (`config.json` + `model.safetensors`, sharded or `pytorch_model.bin`).
+Files: torch (`.pth`, `.pt`, `.bin`; `read_torch_file`, the suite's one weights-only load),
+`.safetensors`, or a Hugging Face folder (`config.json` + `model.safetensors`, sharded or
+`pytorch_model.bin`).
 Anything it cannot place is an error, not a silently skipped key. These conversions apply to
 our `ConvNeXtV2` only: a timm model (`--model resnet18`, timm's own `convnextv2_*`) already uses
-its own names, so its checkpoints only lose wrapper prefixes (see `state_dict_for`).
+its own names, so its checkpoints only lose wrapper prefixes (see `fit`).
 
 Out (`convert --to`): ours (`{"model": ...}`), timm, hf (a folder `from_pretrained` loads) and
 official (a FCMAE encoder in the released layout, GRN [1, dim], that the original fine-tuning
@@ -29,14 +30,15 @@ import argparse
 import json
 import math
 import os
+import pickle
 import re
 import sys
-import tempfile
 import warnings
 from typing import NamedTuple
 
 import torch
 
+from models.atomic import atomic_file, atomic_torch_save, atomic_write_text
 from models.errors import ModelError
 
 DECODER_PREFIXES = ("proj.", "decoder.", "pred.", "mask_token")
@@ -44,39 +46,9 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, a 
 DEFAULT_MODEL_KEY = "model|module"
 
 
-def pick_state_dict(checkpoint, model_key=DEFAULT_MODEL_KEY):
-    """The weights in a loaded checkpoint: the first of `model_key` ('a|b') present, or the
-    object itself when it already is a state dict."""
-    if not isinstance(checkpoint, dict):
-        raise ModelError(f"checkpoint holds a {type(checkpoint).__name__}, not a dict of "
-                         "weights; pass a ConvNeXt V2 checkpoint file")
-    for key in model_key.split("|"):
-        if key in checkpoint and isinstance(checkpoint[key], dict):
-            return checkpoint[key]
-    if checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
-        return checkpoint
-    raise ModelError(f"checkpoint has none of the keys {model_key!r} (it has "
-                     f"{', '.join(map(str, list(checkpoint)[:8]))}); name the key of the weights as model_key")
-
-
-def load_file(path, model_key=DEFAULT_MODEL_KEY):
-    """The state dict stored in a checkpoint file (weights-only load, on CPU)."""
-    if not os.path.isfile(path):
-        raise ModelError(f"checkpoint file {path} does not exist; check the path")
-    try:
-        # official checkpoints carry their argparse.Namespace under "args": allow just that
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files, non-weights objects
-        raise ModelError(f"cannot read checkpoint {path} with weights_only=True "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                        "pass a checkpoint saved by this suite or an official release") from None
-    return pick_state_dict(checkpoint, model_key)
-
-
 def select_state_dict(checkpoint, model_key=DEFAULT_MODEL_KEY, prefix=""):
-    """The weights fine-tuning takes from a loaded checkpoint: the entry under the first of
-    `model_key` ('a|b') present, else the checkpoint itself; with `prefix`, only the keys that
+    """The weights in a loaded checkpoint: the entry under the first of `model_key` ('a|b')
+    present, else the checkpoint itself (a bare state dict); with `prefix`, only the keys that
     start with it, without it."""
     sd = checkpoint
     if isinstance(checkpoint, dict):
@@ -90,6 +62,32 @@ def select_state_dict(checkpoint, model_key=DEFAULT_MODEL_KEY, prefix=""):
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return sd
+
+
+def read_torch_file(path, mmap=False):
+    """A torch checkpoint file read as data, on CPU: weights-only, allowing argparse.Namespace
+    (the original code stores its arguments as one under "args"; a Namespace only holds
+    attributes, unpickled under the same rules) and no other object, so a file carrying pickled
+    code is refused and nothing runs. `mmap`: map the file instead of reading it (a cheap look
+    at a big checkpoint)."""
+    if not os.path.isfile(path):
+        raise ModelError(f"checkpoint {path} does not exist; check the path")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:  # mmap needs the zip format: read older files the ordinary way
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, not a torch file
+        lines = str(e).splitlines()
+        what = ([ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln] or lines or [""])[0].strip()[:160]
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in what:
+            raise ModelError(f"refusing to load {path}: it holds pickled Python objects that could run code "
+                             f"({what}); nothing was run; re-save it as plain tensors") from None
+        raise ModelError(f"checkpoint {path} is damaged or not a torch file (cannot read it: {what}); "
+                         "use another checkpoint") from None
 
 
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -142,10 +140,6 @@ def read_hf_config(folder):
                      f"of our ConvNeXt V2 variants ({', '.join(VARIANTS)}); pass a released variant")
 
 
-def _read_any(path):
-    return read_safetensors(path) if is_safetensors(path) else load_file(path)
-
-
 def read_hf_folder(folder):
     """The state dict of a Hugging Face ConvNeXt V2 folder (one file or shards) and its config."""
     config = read_hf_config(folder)[0] if os.path.exists(os.path.join(folder, "config.json")) else None
@@ -155,7 +149,7 @@ def read_hf_folder(folder):
                          "download the model's weights file into it")
     path = os.path.join(folder, found[0])
     if not path.endswith(".index.json"):
-        return _read_any(path), config
+        return read_weights(path), config
     try:
         with open(path, encoding="utf-8") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -163,13 +157,13 @@ def read_hf_folder(folder):
         raise ModelError(f"cannot read the shard index {path} ({e}); download it again") from None
     sd = {}
     for shard in shards:
-        sd.update(_read_any(os.path.join(folder, shard)))
+        sd.update(read_weights(os.path.join(folder, shard)))
     return sd, config
 
 
 def read_folder_or_safetensors(path):
-    """The weights of a Hugging Face folder or a safetensors file; None for a torch file (its
-    reader, with the weights-only checks, is the caller's: `load_file` or util/checkpoint)."""
+    """The weights of a Hugging Face folder or a safetensors file; None for a torch file (read it
+    with `read_torch_file`: the caller picks its weights and reports its errors)."""
     if os.path.isdir(path):
         return read_hf_folder(path)[0]
     if is_safetensors(path):
@@ -180,7 +174,7 @@ def read_folder_or_safetensors(path):
 def read_weights(path, model_key=DEFAULT_MODEL_KEY):
     """The state dict in any file or folder we read (see the module's docstring)."""
     sd = read_folder_or_safetensors(path)
-    return load_file(path, model_key) if sd is None else sd
+    return select_state_dict(read_torch_file(path), model_key) if sd is None else sd
 
 
 def _strip_wrappers(sd, own=()):
@@ -393,33 +387,23 @@ def check_fit(own, sd, head=("head.",), allowed_missing=("head.", "norm."), vari
     return placed
 
 
-def state_dict_for(model, sd):
-    """`sd` in `model`'s names. Ours: every format `encoder_state_dict` takes. Any other model:
-    only wrapper prefixes come off; the ConvNeXt V2 renames would break keys that are already
-    right (timm's `mlp.grn.weight` is [dim], LeViT's `.linear.` is a real module name)."""
-    if is_ours(model):
-        return encoder_state_dict(sd)
-    return _strip_wrappers(dict(sd), own=model.state_dict())
-
-
 def fit(model, sd):
     """The entries of checkpoint state dict `sd` that go into `model` (see `check_fit`): ours
-    may lack its head and final norm (a FCMAE encoder has neither), any model its classifier."""
+    may lack its head and final norm (a FCMAE encoder has neither), any model its classifier.
+    Ours takes every format `encoder_state_dict` does; from any other model's checkpoint only
+    wrapper prefixes come off: the ConvNeXt V2 renames would break keys that are already right
+    (timm's `mlp.grn.weight` is [dim], LeViT's `.linear.` is a real module name)."""
     ours = is_ours(model)
-    return check_fit(model.state_dict(), state_dict_for(model, sd),
-                     classifier_prefixes(model), ("head.", "norm.") if ours else (), variants=ours)
-
-
-class Loaded(NamedTuple):
-    """What `load_into` left: the model's keys the checkpoint did not fill, and the reverse."""
-    missing: list
-    unexpected: list
+    sd = encoder_state_dict(sd) if ours else _strip_wrappers(dict(sd), own=model.state_dict())
+    return check_fit(model.state_dict(), sd, classifier_prefixes(model), ("head.", "norm.") if ours else (),
+                     variants=ours)
 
 
 def load_into(model, sd):
-    """Load `sd` into `model`, non-strictly, after `fit`. Returns Loaded(missing, unexpected)."""
+    """Load `sd` into `model`, non-strictly, after `fit`. Returns (missing, unexpected): the
+    model's keys the checkpoint did not fill, and the reverse."""
     result = model.load_state_dict(fit(model, sd), strict=False)
-    return Loaded(list(result.missing_keys), list(result.unexpected_keys))
+    return list(result.missing_keys), list(result.unexpected_keys)
 
 
 def variant_of(sd):
@@ -465,21 +449,13 @@ def checked_ours(sd):
     return Ours(dense, name, num_classes, in_chans)
 
 
-class TimmWeights(NamedTuple):
-    """A checkpoint in timm's names, with the timm model name and class count it is for."""
-    state_dict: dict
-    name: str
-    num_classes: int
-
-
-def to_timm_state_dict(sd):
-    """Any supported checkpoint state dict -> TimmWeights(timm-named state dict, name, classes)."""
+def to_timm_state_dict(ours):
+    """timm's names for `ours` (the same model name and classes in timm)."""
     import timm
     from timm.models.convnext import checkpoint_filter_fn
-    ours = checked_ours(sd)
     with torch.device("meta"):
         reference = timm.create_model(ours.name, num_classes=ours.num_classes)
-    return TimmWeights(checkpoint_filter_fn(ours.state_dict, reference), ours.name, ours.num_classes)
+    return checkpoint_filter_fn(ours.state_dict, reference)
 
 
 def to_official_state_dict(ours):
@@ -519,100 +495,31 @@ def hf_config(ours, labels=None):
     return config
 
 
-def _plain_tensors(sd):
-    """Contiguous CPU tensors sharing no memory (what safetensors stores)."""
-    out, seen = {}, set()
-    for key, value in sd.items():
-        value = value.detach().cpu().contiguous()
-        ptr = value.untyped_storage().data_ptr()
-        out[key] = value.clone() if ptr in seen else value
-        seen.add(ptr)
-    return out
-
-
-def _atomic_write(path, write):
-    """`write(tmp)` into a temporary next to `path`, fsync, rename: never half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_weights(sd, path, key=None):
     """Write state dict `sd` atomically: safetensors when `path` ends in `.safetensors` (flat,
     metadata format "pt"), else a torch file, under `key` when given."""
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save_file
-        tensors = _plain_tensors(sd)
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        tensors, seen = {}, set()  # contiguous CPU tensors sharing no memory (what safetensors stores)
+        for k, v in sd.items():
+            v = v.detach().cpu().contiguous()
+            ptr = v.untyped_storage().data_ptr()
+            tensors[k] = v.clone() if ptr in seen else v
+            seen.add(ptr)
+        with atomic_file(path) as f:
+            save_file(tensors, f.name, metadata={"format": "pt"})  # streams into the temporary, by its path
     else:
         obj = {k: v.contiguous() for k, v in sd.items()}
-        _atomic_write(path, lambda tmp: torch.save({key: obj} if key else obj, tmp))
+        atomic_torch_save({key: obj} if key else obj, path)
 
 
-def _timm_hint(dst, name, num_classes):
-    if num_classes:
-        how = (f"num_classes={num_classes}, pretrained_cfg_overlay=dict(file={str(dst)!r}, "
-               f"num_classes={num_classes})")
-    else:  # encoder only: timm loads non-strictly (head and final norm fresh) when the model's
-        # num_classes differs from the file's; N=0 (features only): leave out the overlay's 0
-        how = (f"num_classes=<yours, 1 or more>, pretrained_cfg_overlay=dict(file={str(dst)!r}, "
-               "num_classes=0)")
-    return f"load it with timm.create_model({name!r}, pretrained=True, {how})"
-
-
-def _read_labels(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeError) as e:
-        raise ModelError(f"cannot read labels file {path} ({e}); give a text file, one label a line") from None
-
-
-def _read_source(src, model_key):
-    """(state dict, Hugging Face config or None) of any file or folder we read."""
-    if os.path.isdir(src):
-        return read_hf_folder(src)
-    return read_weights(src, model_key), None
-
-
-def _source_labels(config, num_classes):
-    id2label = (config or {}).get("id2label") or {}
-    labels = [id2label.get(str(i), id2label.get(i)) for i in range(num_classes)]
-    return labels if num_classes and None not in labels else None
-
-
-def _write_hf(ours, dst, labels):
-    if os.path.isfile(dst) or str(dst).endswith(".safetensors"):
-        raise ModelError(f"{dst}: the Hugging Face format is a folder (config.json and "
-                         "model.safetensors); give the path of a folder as dst")
-    config = hf_config(ours, labels)
-    sd = to_hf_state_dict(ours)
-    os.makedirs(dst, exist_ok=True)
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-
-    def write_text(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    _atomic_write(os.path.join(dst, "config.json"), write_text)
-    save_weights(sd, os.path.join(dst, "model.safetensors"))
-    cls = config["architectures"][0]
-    return f"load it with transformers.{cls}.from_pretrained({str(dst)!r})"
+FORMATS_OUT = ("ours", "timm", "hf", "official")
 
 
 def convert(src, dst, to, model_key=DEFAULT_MODEL_KEY, labels_file=None):
     """Read `src` (any format we read), check it whole, then write `dst` in format `to`
     (ours, timm, hf, official). Returns the line telling how to load the result."""
-    sd, config = _read_source(src, model_key)
+    sd, source_config = read_hf_folder(src) if os.path.isdir(src) else (read_weights(src, model_key), None)
     ours = checked_ours(sd)
     flat = str(dst).endswith(".safetensors")
     if to == "ours":
@@ -626,20 +533,37 @@ def convert(src, dst, to, model_key=DEFAULT_MODEL_KEY, labels_file=None):
             return "the original release's code reads torch files: for it, write OUT as .pt"
         return "the original release's fine-tuning code takes it (head and final norm start fresh)"
     if to == "timm":
-        sd, name, num_classes = to_timm_state_dict(ours.state_dict)
-        save_weights(sd, dst)
-        return _timm_hint(dst, name, num_classes)
-    if to == "hf":
-        labels = _read_labels(labels_file) if labels_file else _source_labels(config, ours.num_classes)
-        return _write_hf(ours, dst, labels)
-    raise ModelError(f"unknown format to={to!r}; choose one of {', '.join(FORMATS_OUT)}")
-
-
-FORMATS_OUT = ("ours", "timm", "hf", "official")
-
-
-def to_timm(src, dst, model_key=DEFAULT_MODEL_KEY):
-    print(f"wrote {dst}; {convert(src, dst, 'timm', model_key)}")
+        save_weights(to_timm_state_dict(ours), dst)
+        n = ours.num_classes
+        if n:
+            how = f"num_classes={n}, pretrained_cfg_overlay=dict(file={str(dst)!r}, num_classes={n})"
+        else:  # encoder only: timm loads non-strictly (head and final norm fresh) when the model's
+            # num_classes differs from the file's; N=0 (features only): leave out the overlay's 0
+            how = (f"num_classes=<yours, 1 or more>, pretrained_cfg_overlay=dict(file={str(dst)!r}, "
+                   "num_classes=0)")
+        return f"load it with timm.create_model({ours.name!r}, pretrained=True, {how})"
+    if to != "hf":
+        raise ModelError(f"unknown format to={to!r}; choose one of {', '.join(FORMATS_OUT)}")
+    if labels_file:
+        try:
+            with open(labels_file, encoding="utf-8") as f:
+                labels = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeError) as e:
+            raise ModelError(f"cannot read labels file {labels_file} ({e}); give a text file, one label "
+                             "a line") from None
+    else:  # the source's own labels, when it names every class
+        id2label = (source_config or {}).get("id2label") or {}
+        labels = [id2label.get(str(i), id2label.get(i)) for i in range(ours.num_classes)]
+        labels = labels if ours.num_classes and None not in labels else None
+    if os.path.isfile(dst) or flat:
+        raise ModelError(f"{dst}: the Hugging Face format is a folder (config.json and "
+                         "model.safetensors); give the path of a folder as dst")
+    config = hf_config(ours, labels)
+    sd = to_hf_state_dict(ours)
+    os.makedirs(dst, exist_ok=True)
+    atomic_write_text(os.path.join(dst, "config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_weights(sd, os.path.join(dst, "model.safetensors"))
+    return f"load it with transformers.{config['architectures'][0]}.from_pretrained({str(dst)!r})"
 
 
 def build_parser():
@@ -655,6 +579,7 @@ def build_parser():
                    help="hf: class names, one a line in class order (default: the source's, else LABEL_i)")
     p = sub.add_parser("to_timm", help="ours or official (fine-tune or FCMAE) -> timm names "
                                        "(= convert --to timm)")
+    p.set_defaults(to="timm", labels=None)
     for q in (c, p):
         q.add_argument("src", metavar="IN")
         q.add_argument("dst", metavar="OUT", help="ending in .safetensors: a safetensors file")
@@ -668,11 +593,7 @@ def main(argv=None):
     """The CLI; a ModelError or a failed write is one line `error: ...` on stderr and exit 2."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "to_timm":
-            to_timm(args.src, args.dst, args.model_key)
-        else:
-            hint = convert(args.src, args.dst, args.to, args.model_key, args.labels)
-            print(f"wrote {args.dst}; {hint}")
+        print(f"wrote {args.dst}; {convert(args.src, args.dst, args.to, args.model_key, args.labels)}")
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

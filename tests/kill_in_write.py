@@ -4,7 +4,7 @@ kill at the worst moment, on purpose rather than by chance (tests/test_faults.py
     python tests/kill_in_write.py N main_finetune.py ARGS...
 
 (or forkrun.start("tests/kill_in_write.py", [N, "main_finetune.py", *ARGS], ...)). The fault
-lives here, in the test's child process only: util.atomic.atomic_file is wrapped so that the
+lives here, in the test's child process only: atomic.atomic_file is wrapped so that the
 N-th checkpoint-*.pth save writes the first half of its bytes into the real temporary file,
 fsyncs it and kills the process, leaving what a kill mid-write leaves.
 """
@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def install(n):
-    """Wrap util.atomic.atomic_file in this process: its n-th checkpoint file dies half-written."""
-    from util import atomic
+    """Wrap models.atomic.atomic_file in this process: its n-th checkpoint file dies half-written."""
+    import models.atomic as atomic
     real = atomic.atomic_file
     writes = 0
 

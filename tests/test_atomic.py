@@ -1,4 +1,4 @@
-"""Atomic writes (util/atomic.py) leave the file as a plain open() would: same content, same mode;
+"""Atomic writes (atomic.py) leave the file as a plain open() would: same content, same mode;
 checkpoint saves stream into their temporary file and a failed one leaves the old file whole."""
 import contextlib
 import io
@@ -12,7 +12,7 @@ import tracemalloc
 import pytest
 import torch
 
-from util.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from models.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from util.checkpoint import save_checkpoint
 from util.errors import UserError
 
@@ -74,7 +74,7 @@ def test_a_save_writes_straight_into_its_temporary_file(tmp_path, monkeypatch):
 
 def test_a_save_holds_no_copy_of_the_checkpoint_in_memory(tmp_path):
     """Python-level memory allocated during a 32 MB save stays far below its size, where a
-    save through an io.BytesIO (the earlier code) allocates the whole checkpoint again."""
+    save through an io.BytesIO allocates the whole checkpoint again."""
     state, size = _state(32), 32 << 20
 
     def peak(save):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from util.data import (EvalSampler, SeededTransform, SyntheticShapes, TrainSampler, build_dataset, build_transform,
-                       check_same_classes, posterize_zero_bits_safe)
+from util.data import (SeededTransform, SyntheticShapes, TrainSampler, build_dataset, build_transform,
+                       check_same_classes, eval_indices, posterize_zero_bits_safe)
 from util.errors import UserError
 
 
@@ -75,8 +75,8 @@ def test_sampler_resumes_mid_epoch():
     assert list(s) == full[8:] and len(s) == 12
 
 
-def test_eval_sampler_partitions_exactly():
-    parts = [list(EvalSampler(11, 3, r)) for r in range(3)]
+def test_eval_indices_partition_exactly():
+    parts = [list(eval_indices(11, 3, r)) for r in range(3)]
     assert sorted(sum(parts, [])) == list(range(11))
 
 

@@ -10,9 +10,9 @@ from timm.data.transforms import RandomResizedCropAndInterpolation as RRC
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
+from benchmarks.bench_data import counting_drafts
 from tests.helpers import TINY, run
-from util.data.decode import (DraftRandomResizedCrop, DraftResize, DraftTorchvisionRandomResizedCrop, LazyLoader,
-                              decode_rgb, drafted, reduction, resize_size, resized_box,
+from util.data.decode import (decode_rgb, drafted, drafting, open_lazily, reduction, resize_size, resized_box,
                               simd_resized_crop)
 
 MAD_BOUND = 6.0  # 0-255 units; measured about 1-3 on benchmarks/make_bench_images.py images
@@ -47,19 +47,19 @@ def test_reduction_only_when_shrunk_twice_and_never_below_the_crop(tmp_path):
 def test_same_draws_as_timm_and_a_crop_close_to_the_full_decode(tmp_path, size):
     path = _jpeg(tmp_path / "a.jpg")
     plain = RRC(size, interpolation="bicubic")
-    ours = DraftRandomResizedCrop.like(plain)
+    ours = drafting(plain)
     fired = 0
     for seed in range(12):
         random.seed(seed)
         want = plain(decode_rgb(Image.open(path)))
         state = random.getstate()
         random.seed(seed)
-        DraftRandomResizedCrop.hits = 0
-        got = ours(LazyLoader()(path))
+        with counting_drafts() as counts:
+            got = ours(open_lazily(path))
         assert random.getstate() == state  # the same draws, in the same number
         assert got.size == want.size == (size, size) and got.mode == "RGB"
         diff = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).mean()
-        if DraftRandomResizedCrop.hits:
+        if counts["hits"]:
             fired += 1
             assert diff < MAD_BOUND
         else:
@@ -98,18 +98,18 @@ def test_same_box_on_the_full_image(tmp_path):
     random.seed(3)
     want = RRC.get_params(decode_rgb(Image.open(path)), (0.08, 1.0), (3 / 4, 4 / 3))
     random.seed(3)
-    got = RRC.get_params(LazyLoader()(path), (0.08, 1.0), (3 / 4, 4 / 3))  # the header's size only
+    got = RRC.get_params(open_lazily(path), (0.08, 1.0), (3 / 4, 4 / 3))  # the header's size only
     assert got == want
 
 
 def test_pretrain_crop_draws_torch_rng_as_torchvision(tmp_path):
     path = _jpeg(tmp_path / "a.jpg")
     plain = transforms.RandomResizedCrop(48, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC)
-    ours = DraftTorchvisionRandomResizedCrop.like(plain)
+    ours = drafting(plain)
     torch.manual_seed(0)
     want = plain(decode_rgb(Image.open(path)))
     torch.manual_seed(0)
-    got = ours(LazyLoader()(path))
+    got = ours(open_lazily(path))
     assert got.size == want.size == (48, 48)
     assert np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).mean() < MAD_BOUND
 
@@ -119,7 +119,7 @@ def test_eval_resize_same_size_as_torchvision(tmp_path):
     for size in (64, (40, 40), 256):
         plain = transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC)
         want = plain(decode_rgb(Image.open(path)))
-        got = DraftResize.like(plain)(LazyLoader()(path))
+        got = drafting(plain)(open_lazily(path))
         assert got.size == want.size == resize_size(1000, 700, size)
         assert np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).mean() < MAD_BOUND
 
@@ -130,7 +130,7 @@ def test_png_unaffected(tmp_path):
     random.seed(1)
     want = plain(Image.open(tmp_path / "a.png").convert("RGB"))
     random.seed(1)
-    got = DraftRandomResizedCrop.like(plain)(LazyLoader()(str(tmp_path / "a.png")))
+    got = drafting(plain)(open_lazily(str(tmp_path / "a.png")))
     assert np.array_equal(np.asarray(got), np.asarray(want))
     assert resized_box(want, 1.0, (0, 0, 32, 32), (16, 16), plain.interpolation).size == (16, 16)
 
@@ -191,11 +191,11 @@ def test_shards_open_lazily_and_a_truncated_jpeg_is_replaced(tmp_path):
                      disable_eval=False, eval=False)
     ds, _ = build_dataset(True, args)
     ds.bad_log = BadImageLog(str(tmp_path / "bad.txt"))
-    DraftRandomResizedCrop.hits = DraftRandomResizedCrop.calls = 0
     random.seed(0)
-    xs = [ds[i][0] for i in range(len(ds))]
+    with counting_drafts() as counts:
+        xs = [ds[i][0] for i in range(len(ds))]
     assert all(x.shape == (3, 64, 64) for x in xs)
-    assert DraftRandomResizedCrop.calls >= len(ds) and DraftRandomResizedCrop.hits > 0
+    assert counts["calls"] >= len(ds) and counts["hits"] > 0
     assert len(ds.bad_log.found()) == 1
 
 
@@ -211,8 +211,8 @@ def test_csv_lists_open_lazily_so_the_draft_fires(tmp_path):
     args = make_args(data_set="csv", data_path=str(csv), input_size=64, jpeg_draft=True)
     ds, _ = build_dataset(True, args)
     ds.bad_log = BadImageLog(str(tmp_path / "bad.txt"))
-    DraftRandomResizedCrop.hits = DraftRandomResizedCrop.calls = 0
     random.seed(0)
-    assert all(ds[i][0].shape == (3, 64, 64) for i in range(len(ds)))
-    assert DraftRandomResizedCrop.hits > 0
+    with counting_drafts() as counts:
+        assert all(ds[i][0].shape == (3, 64, 64) for i in range(len(ds)))
+    assert counts["hits"] > 0
     assert ds.bad_log.found() == [("train", str(images[0]))]

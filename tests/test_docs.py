@@ -8,14 +8,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_errors_md_table_of_checks_is_the_flag_tables():
-    """docs/errors.md shows the flag table's ranges and choices as `python -m util.flags
-    --markdown` prints them; a check added, removed or changed in util/flags.py without
-    regenerating the doc fails here."""
+    """docs/errors.md shows the flag table's ranges and choices as `flags.markdown()` gives them;
+    a check added, removed or changed in util/flags.py without `python scripts/flag_docs.py`
+    fails here."""
     with open(os.path.join(REPO, "docs", "errors.md"), encoding="utf-8") as f:
         text = f.read()
     m = re.search(r"<!-- flag-checks:start -->\n(.*?)<!-- flag-checks:end -->", text, re.S)
     assert m, "docs/errors.md lost its flag-checks markers"
-    assert m.group(1) == flags.markdown(), "regenerate it: python -m util.flags --markdown"
+    assert m.group(1) == flags.markdown(), "regenerate it: python scripts/flag_docs.py"
+
+
+def test_what_the_flag_table_decides_elsewhere_is_written_by_one_command():
+    """docs/errors.md's table of checks, docs/runs.md's list of flags added since version 2 and
+    the record of outcome defaults follow the flag table: `python scripts/flag_docs.py` writes
+    them, and after it nothing is out of date (a flag added without it fails here)."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "flag_docs.py"), "--check"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr + "\nrun: python scripts/flag_docs.py"
 
 
 def test_every_flag_has_help_and_a_known_role():

@@ -193,6 +193,8 @@ RANGE_ROWS = [
     ("batch_size", F, ["--batch_size", "0"], "--batch_size 0 must be >= 1"),
     ("update_freq", P, ["--update_freq", "0"], "--update_freq 0 must be >= 1"),
     ("epochs", F, ["--epochs", "0"], "--epochs 0 must be >= 1"),
+    ("freeze_stages", F, ["--freeze_stages", "5"], "--freeze_stages 5 must be in [0, 4]"),
+    ("bce_target_thresh", F, ["--bce_target_thresh", "2"], "--bce_target_thresh 2.0 must be in [0, 1]"),
     ("start_epoch", P, ["--start_epoch", "1"], "--start_epoch 1 must be in [0, --epochs)"),
     ("lr", P, ["--lr", "-1"], "--lr -1.0 must be >= 0"),
     ("blr", F, ["--blr", "-1"], "--blr -1.0 must be >= 0"),

@@ -21,6 +21,7 @@ import submitit_finetune
 from tests.helpers import TINY, command, read_log, run, run_record, script_env
 from util import hpo, runs, slurm
 from util.config import parse_args
+from util.errors import UserError
 
 pytestmark = pytest.mark.slow
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -380,10 +381,10 @@ def test_sampler_seeding_and_study_conflicts(tmp_path):
     sdir = hpo.study_dir(args, spec)
     hpo.open_study(args, spec, sdir, "finetune")
     other = hpo.SearchSpec(**{**spec.__dict__, "metric": "test_acc1", "direction": "minimize"})
-    with pytest.raises(hpo.UserError, match="exists with metric test_loss"):
+    with pytest.raises(UserError, match="exists with metric test_loss"):
         hpo.open_study(args, other, sdir, "finetune")
     flipped = hpo.SearchSpec(**{**spec.__dict__, "direction": "maximize"})
-    with pytest.raises(hpo.UserError, match="exists with direction minimize"):
+    with pytest.raises(UserError, match="exists with direction minimize"):
         hpo.open_study(args, flipped, sdir, "finetune")
     with open(os.path.join(sdir, "journal.log")) as f:
         assert all(json.loads(line) for line in f)
@@ -405,7 +406,7 @@ def test_sampler_and_pruner_by_name_or_dotted_path():
                           ("optuna.pruners.MedianPruner", "'optuna.pruners.MedianPruner' is no optuna.samplers class (a "
                                                           "subclass of BaseSampler); choose one of"),
                           ("no_such_module.MySampler", "cannot import 'no_such_module' for 'no_such_module.MySampler'")):
-        with pytest.raises(hpo.UserError, match=re.escape(message)):
+        with pytest.raises(UserError, match=re.escape(message)):
             make_sampler(spec(name))
 
 

@@ -91,11 +91,3 @@ def test_bad_input_is_one_line(tmp_path, flags, message):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], p.stderr
     assert "Traceback" not in p.stderr
-
-
-def test_norm_pix_loss_can_be_turned_off(tmp_path):
-    from main_pretrain import get_args_parser
-    from util.config import parse_args
-    assert parse_args(get_args_parser(), []).norm_pix_loss is True
-    assert parse_args(get_args_parser(), ["--norm_pix_loss"]).norm_pix_loss is True
-    assert parse_args(get_args_parser(), ["--norm_pix_loss", "False"]).norm_pix_loss is False

@@ -34,6 +34,7 @@ def make_parser():
     a("--local_rank", "--local-rank", dest="local_rank", default=-1, type=int)
     a("--force", action="store_true")
     a("--channels_last", type=str2bool, nargs="?", const=True, default=False)
+    p.set_defaults(eval=False)  # as pretraining's parser fixes a flag it lacks (util/flags.Flag.fixed)
     add_config_args(p)
     return p
 
@@ -130,7 +131,8 @@ def test_run_dir_naming(tmp_path):
 
 def test_default_root_is_relative_to_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ns = argparse.Namespace(model="m", batch_size=8, epochs=1, output_dir="")  # no runs_root
+    ns = argparse.Namespace(model="m", batch_size=8, epochs=1, output_dir="", runs_root="", force=False,
+                            eval=False)  # no runs_root
     d = runs.prepare_run_dir(ns, "pretrain", 1)
     assert d.startswith(os.path.join("runs", "pretrain", "m-")) and os.path.isdir(tmp_path / d)
 
@@ -379,19 +381,18 @@ FIXTURES = os.path.join(REPO, "tests", "fixtures")
 
 def test_version_2_signatures_are_still_computed():
     """The signatures the code before version 3 gave these command lines (recorded with that
-    code in tests/fixtures/signatures_v2.json) come out of util/legacy_signature.py."""
+    code in tests/fixtures/signatures_v2.json) come out of util/runs.legacy_signature."""
     import json
 
     import main_finetune
     import main_pretrain
-    from util.legacy_signature import legacy_signature
     with open(os.path.join(FIXTURES, "signatures_v2.json")) as f:
         recorded = json.load(f)
     for kind, module in (("finetune", main_finetune), ("pretrain", main_pretrain)):
         for case in recorded[kind]:
             a = parse_args(module.get_args_parser(), case["argv"])
             w = case["world_size"]
-            assert legacy_signature(a, w, kind, runs.outcome_settings(a, w)) == case["signature"], case
+            assert runs.legacy_signature(a, w, kind) == case["signature"], case
             assert runs.signature(a, w, kind) != case["signature"]  # version 3 hashes otherwise
 
 
@@ -445,7 +446,7 @@ def _recorded_defaults():
 def test_changing_a_default_needs_a_signature_version_bump():
     """A signature hashes what differs from the defaults, so a changed default silently changes
     what a signature means. If this fails: bump SIGNATURE_VERSION in util/runs.py, record the
-    new version's defaults (runs.outcome_defaults() into tests/fixtures/outcome_defaults_v<N>.json)
+    new version's defaults (python scripts/flag_docs.py into tests/fixtures/outcome_defaults_v<N>.json)
     and say so in docs/runs.md."""
     now = runs.outcome_defaults()
     changed = {k: (v, now[k]) for k, v in _recorded_defaults().items() if k in now and now[k] != v}
@@ -456,5 +457,4 @@ def test_a_new_outcome_flag_is_recorded_with_its_default():
     """Adding a flag whose default keeps today's behaviour changes no signature (no bump), but
     its default joins the record, so that changing it later is caught by the test above."""
     missing = sorted(set(runs.outcome_defaults()) - set(_recorded_defaults()))
-    assert not missing, (f"{missing}: add them with their defaults to {RECORDED_DEFAULTS} "
-                         "(runs.outcome_defaults() gives them)")
+    assert not missing, f"{missing}: record them with their defaults: python scripts/flag_docs.py"

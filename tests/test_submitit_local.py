@@ -12,7 +12,9 @@ import pytest
 
 from util import runs
 from util import slurm as sl
+from util.errors import UserError
 from util.slurm import cli as slurm_cli
+from util.slurm.job import _SignalLog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "submitit_finetune.py")
@@ -202,21 +204,21 @@ def test_slurm_time_parsing():
     assert sl.parse_minutes("2-12") == 2 * 1440 + 720
 
 
-def test_trainer_pickles_and_requeues_the_same_run(tmp_path):
+def test_job_pickles_and_requeues_the_same_run(tmp_path):
     import cloudpickle
     args = parse("--model", "convnextv2_atto", "--data_set", "synthetic", "--output_dir", str(tmp_path))
-    t = sl.Trainer("main_finetune", "finetune", args)
+    t = sl.Job("main_finetune", "finetune", args)
     back = pickle.loads(cloudpickle.dumps(t))
     assert back.module == "main_finetune" and vars(back.args) == vars(args)
     again = t.checkpoint()
-    assert isinstance(again.function, sl.Trainer) and again.function.args.output_dir == str(tmp_path)
+    assert isinstance(again.function, sl.Job) and again.function.args.output_dir == str(tmp_path)
 
 
 def test_signal_log_sees_signals_whoever_handles_them():
     seen = []
     old = signal.signal(signal.SIGUSR2, lambda s, f: seen.append(s))
     try:
-        with sl._SignalLog() as log:
+        with _SignalLog() as log:
             signal.signal(signal.SIGUSR2, lambda s, f: seen.append(-s))  # like main() replacing it
             os.kill(os.getpid(), signal.SIGUSR2)
         assert seen == [-signal.SIGUSR2] and signal.SIGUSR2 in log.received
@@ -237,7 +239,7 @@ def test_partition_limits_from_what_slurm_says(monkeypatch):
     def problem(*argv):
         try:
             sl.check_partition(parse(*argv))
-        except sl.UserError as e:
+        except UserError as e:
             return str(e)
         return None
 

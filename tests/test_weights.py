@@ -11,8 +11,8 @@ import torch
 
 from models import create_fcmae, create_model
 from models.errors import ModelError
-from models.weights import (classifier_prefixes, encoder_state_dict, load_file, load_into, main,
-                            pick_state_dict, select_state_dict)
+from models.weights import (classifier_prefixes, encoder_state_dict, load_into, main, read_torch_file,
+                            select_state_dict)
 from tests import forkrun
 from tests.helpers import ROOT, TINY, run_record, weights
 from tests.test_errors import Evil
@@ -95,7 +95,7 @@ def test_pretrain_formats_load_to_the_same_network(source, fmt):
             {k: v for k, v in sd.items() if not k.startswith(("head.", "norm."))})
         ckpt = {"model": fcmae.state_dict()}
     target = create_model("convnextv2_atto", num_classes=100)
-    missing, unexpected = load_into(target, pick_state_dict(ckpt))
+    missing, unexpected = load_into(target, select_state_dict(ckpt))
     assert sorted(missing) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
     assert unexpected == []
     x = torch.randn(2, 3, 64, 64)
@@ -167,9 +167,9 @@ def test_to_timm_rejects_foreign_files(tmp_path, capsys):
     assert not (tmp_path / "out.pth").exists()
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError, match="cannot read"):
-        load_file(str(tmp_path / "junk.pth"))
+        read_torch_file(str(tmp_path / "junk.pth"))
     with pytest.raises(ModelError, match="does not exist"):
-        load_file(str(tmp_path / "nothing.pth"))
+        read_torch_file(str(tmp_path / "nothing.pth"))
 
 
 def _readme_timm_calls():
@@ -295,7 +295,7 @@ def test_check_checkpoints_does_not_convert_timm_models(tmp_path):
     args = argparse.Namespace(resume="", finetune=str(path), model_key="model|module",
                               model_prefix="")
     check_checkpoints(args, lambda: timm.create_model("convnextv2_atto", num_classes=3))
-    # into our ConvNeXt V2 it is converted from timm's names (issue 14; it used to be refused)
+    # into our ConvNeXt V2 it is converted from timm's names
     check_checkpoints(args, lambda: create_model("convnextv2_atto"))
     torch.save({"model": create_model("resnet18").state_dict()}, path)
     with pytest.raises(UserError, match="--finetune .*: the checkpoint is neither"):

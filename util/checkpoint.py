@@ -1,53 +1,40 @@
 """Checkpoints: atomic save, weights-only load, newest-whole-checkpoint discovery, RNG capture.
 
 A checkpoint we write holds only tensors and plain Python values (no argparse.Namespace, no numpy
-objects), so `torch.load(weights_only=True)` reads it and a file carrying pickled code is refused.
-Reading also allows argparse.Namespace, and no other object: the original ConvNeXt V2 code stores
-its arguments as one under "args", and a Namespace only holds attributes (its values are
-unpickled under the same rules).
+objects), so the one weights-only loader, `models.weights.read_torch_file`, reads it.
 """
-import argparse
 import glob
 import os
-import pickle
 import random
 import re
 import sys
-import zipfile
 
 import numpy as np
 import torch
 
-from util.atomic import atomic_torch_save
+from models.atomic import atomic_torch_save
+from models.errors import ModelError
+from models.weights import read_torch_file
 from util.errors import UserError
 
 
-def load_checkpoint(path, map_location="cpu", mmap=False):
-    """Read a checkpoint as data. Missing, truncated or code-carrying files are UserErrors.
-    `mmap`: map the file instead of reading it (a cheap look at a big checkpoint)."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; check the path given to --resume/--finetune")
+def load_checkpoint(path, mmap=False):
+    """`read_torch_file` (weights-only; `mmap`: map the file instead of reading it), its
+    ModelError as the UserError a script reports."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            try:
-                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-            except RuntimeError:
-                if not mmap:  # mmap needs the zip format: read older files the ordinary way
-                    raise
-                return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
-        what = (lines or str(e).splitlines() or [""])[0].strip()[:160]
-        raise UserError(f"refusing to load {path}: it holds pickled Python objects that could run code "
-                        f"({what}); nothing was run; re-save it as plain tensors") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise UserError(f"checkpoint {path} is damaged or not a torch file ({str(e).splitlines()[0][:160]}); "
-                        "use another checkpoint") from None
+        return read_torch_file(path, mmap)
+    except ModelError as e:
+        raise UserError(str(e)) from None
 
 
 def save_checkpoint(state, path):
-    """Atomic: a crash or a full disk leaves the previous file at `path` whole."""
-    remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))
+    """Atomic: a crash or a full disk leaves the previous file at `path` whole. First deletes the
+    half-written temporaries a killed process left (only one process writes a run's checkpoints)."""
+    for tmp in glob.glob(os.path.join(os.path.dirname(os.path.abspath(path)), ".checkpoint-*.pth.*.tmp")):
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
     try:
         atomic_torch_save(state, path)
     except OSError as e:
@@ -55,33 +42,19 @@ def save_checkpoint(state, path):
                         "choose another --output_dir; the previous checkpoint is intact") from None
 
 
-def remove_stale_temporaries(folder):
-    """Delete half-written checkpoint temporaries a killed process left behind (call on the
-    only process that writes this folder's checkpoints, before it writes one)."""
-    for tmp in glob.glob(os.path.join(folder, ".checkpoint-*.pth.*.tmp")):
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-
-
 def _epoch_of(path):
     m = re.search(r"checkpoint-(\d+)\.pth$", path)
     return int(m.group(1)) if m else -1
 
 
-def checkpoint_candidates(output_dir):
-    """checkpoint-last.pth and checkpoint-<epoch>.pth, newest first by modification time."""
+def find_resumable(output_dir):
+    """Return (path, checkpoint) of the newest whole checkpoint-last.pth or checkpoint-<epoch>.pth
+    (newest first by modification time), skipping damaged ones. Read memory-mapped: weighing the candidates holds none of them in
+    memory (8 ranks x a huge model)."""
     files = glob.glob(os.path.join(output_dir, "checkpoint-last.pth"))
     files += [f for f in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")) if _epoch_of(f) >= 0]
-    return sorted(files, key=lambda f: (os.path.getmtime(f), _epoch_of(f)), reverse=True)
-
-
-def find_resumable(output_dir):
-    """Return (path, checkpoint) of the newest whole checkpoint, skipping damaged ones. Read
-    memory-mapped: weighing the candidates holds none of them in memory (8 ranks x a huge model)."""
     best = None
-    for path in checkpoint_candidates(output_dir):
+    for path in sorted(files, key=lambda f: (os.path.getmtime(f), _epoch_of(f)), reverse=True):
         try:
             ckpt = load_checkpoint(path, mmap=True)
         except UserError as e:

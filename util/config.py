@@ -16,7 +16,6 @@ import sys
 
 import yaml
 
-from util.atomic import atomic_write_text
 from util.errors import UserError
 from util.flags import BY_NAME, per_launch, str2bool  # noqa: F401 (str2bool: the flags' type, used here)
 
@@ -27,7 +26,9 @@ from util.flags import BY_NAME, per_launch, str2bool  # noqa: F401 (str2bool: th
 # listed in a comment at the top of the file instead.
 PER_LAUNCH = per_launch()
 
-# Attributes the scripts put on `args` at run time in older versions; never flags.
+# What RunContext.learned() adds beside the flags under the original scripts' names (a
+# checkpoint's args keep them, config.yaml and the signature do not), and `dist_backend`, which
+# the original scripts' checkpoints hold; never flags.
 RUNTIME_ATTRS = frozenset({"rank", "gpu", "distributed", "dist_backend"})
 
 
@@ -70,19 +71,6 @@ def dest_actions(parser):
                                                                 argparse._VersionAction)):
             out.setdefault(a.dest, []).append(a)
     return out
-
-
-def _find_config(argv):
-    """Last `--config X` / `--config=X` before a bare `--` (argparse also takes the last)."""
-    path = None
-    for i, tok in enumerate(argv):
-        if tok == "--":
-            break
-        if tok == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif tok.startswith("--config="):
-            path = tok[len("--config="):]
-    return path
 
 
 def load_yaml(path):
@@ -205,9 +193,15 @@ def parse_args(parser, argv=None):
     The parser is left as it was (defaults restored), so it can be used again.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "config" not in dest_actions(parser):
-        add_config_args(parser)
-    path = _find_config(argv)
+    add_config_args(parser)
+    path = None  # the last `--config X` / `--config=X` before a bare `--`, as argparse takes it
+    for i, tok in enumerate(argv):
+        if tok == "--":
+            break
+        if tok == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif tok.startswith("--config="):
+            path = tok[len("--config="):]
     args = _parse_with(parser, argv, path)
     if args.config and args.config != path:  # an abbreviation such as --conf reached argparse
         args = _parse_with(parser, argv, args.config)
@@ -273,6 +267,7 @@ def save_config(args, path):
               f"# Left out, per launch: {json.dumps(left_out, default=str)}\n")
     text = yaml.safe_dump(data, sort_keys=True, default_flow_style=False, allow_unicode=True)
     try:
+        from models.atomic import atomic_write_text  # not at import: the cheap checks load no models/
         atomic_write_text(path, header + text)
     except OSError as e:
         raise UserError(f"could not write {path} ({e.strerror or e}); free disk space or choose "

@@ -7,15 +7,8 @@ one process does); a plain `print(...)` still prints on every rank, for what eac
 import sys
 
 
-def _is_rank0():
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover - torch is always installed with the suite
-        return True
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def info(*args, file=None, flush=True, **kwargs):
     """print() on rank 0 only; flushed, so the lines of a job's log keep their order."""
-    if _is_rank0():
+    from util.distributed import is_main_process  # torch: imported when something is said
+    if is_main_process():
         print(*args, file=file or sys.stdout, flush=flush, **kwargs)

@@ -8,7 +8,6 @@ import datetime
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -32,14 +31,6 @@ class DistInfo:
         return self.rank == 0
 
 
-class Launch(NamedTuple):
-    """What the environment says about this process (detect_launcher)."""
-    launcher: str
-    rank: int
-    world_size: int
-    local_rank: int
-
-
 def _slurm_master_addr():
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
     try:
@@ -51,7 +42,7 @@ def _slurm_master_addr():
 
 
 def detect_launcher(local_rank_flag=-1, dist_on_itp=False):
-    """Return Launch(launcher, rank, world_size, local_rank) from the environment. `dist_on_itp`
+    """Return (launcher, rank, world_size, local_rank) from the environment. `dist_on_itp`
     (the original flag): Open MPI's mpirun, whose OMPI_COMM_WORLD_* variables name the ranks;
     MASTER_ADDR and MASTER_PORT must be set, as with the original code."""
     env = os.environ
@@ -65,16 +56,15 @@ def detect_launcher(local_rank_flag=-1, dist_on_itp=False):
         rank, world = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
         local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
         env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
-        return Launch("mpirun", rank, world, local)
+        return ("mpirun", rank, world, local)
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, torch.distributed.launch, submitit export
         local = int(env.get("LOCAL_RANK", local_rank_flag if local_rank_flag >= 0 else 0))
-        return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), local)
+        return ("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]), local)
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # plain srun
         env.setdefault("MASTER_ADDR", _slurm_master_addr())
         env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-        return Launch("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                      int(env.get("SLURM_LOCALID", "0")))
-    return Launch("none", 0, 1, max(local_rank_flag, 0))
+        return ("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0")))
+    return ("none", 0, 1, max(local_rank_flag, 0))
 
 
 def resolve_device(name, local_rank=0):

@@ -1,10 +1,10 @@
 """User errors: one line with the problem and the fix, exit code 2, no traceback.
 
-Anything a user can cause (a bad flag, path, config key or checkpoint) raises `UserError`.
-Entry points wrap `main` in `exit_on_user_error`, which prints `error: <message>` and exits 2.
-Internal faults are not caught here and keep their traceback.
+Anything a user can cause (a bad flag, path, config key or checkpoint) raises `UserError`, or
+in models/ a `ModelError`. A script runs under one boundary, `with user_errors():`, which prints
+`error: <message>` and exits 2. Internal faults are not caught here and keep their traceback.
 """
-import functools
+import contextlib
 import sys
 
 
@@ -12,22 +12,29 @@ class UserError(Exception):
     """A mistake the user can fix; the message says what is wrong and how to fix it."""
 
 
-def exit_on_user_error(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            print(f"error: {_message(e)}", file=sys.stderr, flush=True)
-            sys.exit(2)
-    return wrapper
+@contextlib.contextmanager
+def user_errors():
+    """The error boundary of a script (also a decorator: `@user_errors()`). A ModelError counts
+    too: models/errors.py is looked up, not imported, so a script's cheap checks load no torch."""
+    try:
+        yield
+    except Exception as e:
+        model_error = getattr(sys.modules.get("models.errors"), "ModelError", ())
+        if not isinstance(e, (UserError, model_error)):
+            raise
+        msg = str(e)
+        if "\nOriginal Traceback" in msg:  # raised in a DataLoader worker: its last line is the message
+            last = msg.rstrip().splitlines()[-1]
+            msg = last.split(": ", 1)[1] if last.startswith(("util.", "UserError")) and ": " in last else last
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
-def _message(e):
-    """The one line. A UserError raised in a DataLoader worker reaches the main process with the
-    worker's traceback folded into its message; its last line is the original message."""
-    msg = str(e)
-    if "\nOriginal Traceback" in msg:
-        last = msg.rstrip().splitlines()[-1]
-        msg = last.split(": ", 1)[1] if last.startswith(("util.", "UserError")) and ": " in last else last
-    return msg
+def as_user_error(e, flags=None):
+    """A ModelError (which names the argument it is about) as the UserError a script reports,
+    with the argument's flag for it when `flags` ({argument: flag}) knows one."""
+    message = str(e)
+    for arg, flag in (flags or {}).items():
+        if message.startswith(f"{arg} "):
+            message = flag + message[len(arg):]
+    return UserError(message)

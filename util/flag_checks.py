@@ -6,7 +6,7 @@ import difflib
 import re
 from dataclasses import dataclass
 
-_BOTH = ("finetune", "pretrain", "slurm")
+_ALL = ("finetune", "pretrain", "slurm")
 
 # Names timm accepts (or fails deep inside with an AssertionError or KeyError, or, for Mixup's
 # mode, silently takes as "batch").
@@ -31,7 +31,7 @@ class Range:
     text: str = None
     hint: str = ""
     message: str = None
-    kinds: tuple = _BOTH
+    kinds: tuple = _ALL
 
     def ok(self, v):
         if v is None:
@@ -47,7 +47,8 @@ class Range:
             return f"{'>' if self.low_open else '>='} {self.low}"
         return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
 
-    def __call__(self, name, value, args):
+    def __call__(self, name, args):
+        value = getattr(args, name)
         if self.ok(value):
             return None
         return self.message or f"--{name} {value} must be {self.describe()}{self.hint}"
@@ -58,14 +59,14 @@ class Choice:
     """One of a set of names (checked after parsing, so the message is one line)."""
     choices: tuple
     ignore_case: bool = False
-    kinds: tuple = _BOTH
+    kinds: tuple = _ALL
 
     def describe(self):
         return "one of " + ", ".join(self.choices)
 
-    def __call__(self, name, value, args):
-        v = str(value).lower() if self.ignore_case else value
-        if v in self.choices:
+    def __call__(self, name, args):
+        value = getattr(args, name)
+        if (str(value).lower() if self.ignore_case else value) in self.choices:
             return None
         return f"--{name} {value!r} is unknown; use one of {', '.join(self.choices)}"
 
@@ -75,13 +76,13 @@ class Rule:
     """A check of its own: `fn(args)` -> None or the message (may look at other flags).
     `needs_torch`: `fn` imports torch, timm or the models (the checks after the cheap ones)."""
     fn: object
-    kinds: tuple = _BOTH
+    kinds: tuple = _ALL
     needs_torch: bool = False
 
     def describe(self):
         return (self.fn.__doc__ or self.fn.__name__).strip().splitlines()[0].rstrip(".")
 
-    def __call__(self, name, value, args):
+    def __call__(self, name, args):
         return self.fn(args)
 
 
@@ -107,7 +108,7 @@ def multiple_of_32(args):
     if s % 32 == 0 and s >= 32:
         return None
     return (f"--input_size {s} must be a multiple of 32 (the encoder's stride), e.g. "
-            f"{working_size(s, getattr(args, 'mask_ratio', 0.6))}")
+            f"{working_size(s, args.mask_ratio)}")
 
 
 def mask_keeps_a_patch(args):
@@ -135,15 +136,10 @@ def device(args):
     return f"--device {name!r} is not a device; use {DEVICES}"
 
 
-def _min_max_ok(pair, low, high):
-    """A (MIN, MAX) pair with low < MIN <= MAX (<= high when high is given)."""
-    return (isinstance(pair, (list, tuple)) and len(pair) == 2 and low < pair[0] <= pair[1]
-            and (high is None or pair[1] <= high))
-
-
 def scale(args):
     """MIN MAX with 0 < MIN <= MAX <= 1 (fractions of the image area)"""
-    if _min_max_ok(args.scale, 0, 1):
+    s = args.scale
+    if isinstance(s, (list, tuple)) and len(s) == 2 and 0 < s[0] <= s[1] <= 1:
         return None
     return (f"--scale {_show(args.scale)} must be MIN MAX with 0 < MIN <= MAX <= 1 (fractions of the "
             "image area), e.g. 0.08 1.0")

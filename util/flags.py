@@ -3,10 +3,10 @@
 A flag's name, type, default, help, range or choices and its *role* live here, and everything
 else derives from this table: the parsers of main_finetune.py, main_pretrain.py and the Slurm
 launchers (`add_flags`), the range and choice checks (`checks`, run by util/validate.py), what
-config.yaml leaves out (`per_launch`), what the run signature leaves out (`not_outcome`), what a
-search refuses (`not_searchable`, `study_refusals`) and the table of checks in docs/errors.md
-(`python -m util.flags --markdown`). Names, defaults and meanings of the original ConvNeXt V2
-flags are kept (see docs/runs.md for the few differences).
+config.yaml leaves out (`per_launch`), what the run signature and a search space leave out
+(`not_outcome`), what a study's command line refuses (`study_refusals`) and the table of checks
+in docs/errors.md (`python scripts/flag_docs.py` writes it). Names, defaults and meanings of the
+original ConvNeXt V2 flags are kept (see docs/runs.md for the few differences).
 
 Roles:
 - OUTCOME: changes what a run computes: part of the run signature, saved in config.yaml,
@@ -18,6 +18,7 @@ Roles:
 - LAUNCHER: set by the launcher (torchrun, mpirun, Slurm): as LAUNCH.
 """
 import argparse
+import functools
 from dataclasses import dataclass
 
 from util import flag_checks as fc
@@ -45,18 +46,11 @@ def str2bool(v):
 
 
 @dataclass(frozen=True)
-class PerScript:
-    """A default that differs between the two scripts (the original recipes' values)."""
-    finetune: object
-    pretrain: object
-
-
-@dataclass(frozen=True)
 class Flag:
     name: str
-    default: object = None
+    default: object = None       # a dict {script: value} where the scripts differ (the original recipes')
     type: object = None          # argparse type (None: text)
-    help: str = ""
+    help: str = ""               # a dict {script: text} where the flag means more in one script
     role: str = OUTCOME
     scripts: tuple = BOTH        # which parsers have it (SLURM: the launchers add it)
     checks: tuple = ()           # fc.Range / fc.Rule, run after parsing (one line each)
@@ -69,13 +63,14 @@ class Flag:
     aliases: tuple = ()
     metavar: object = None
     study: str = None            # why a search refuses the flag on its own command line
+    fixed: dict = None           # {script: value} in a script without the flag, for the code both
+                                 # scripts share (args.eval): not settable there, not shown, not saved
 
     def default_for(self, kind):
-        return getattr(self.default, kind, None) if isinstance(self.default, PerScript) else self.default
+        return self.default.get(kind) if isinstance(self.default, dict) else self.default
 
     def help_for(self, kind):
-        """The help text in script `kind` (a PerScript help: the flag means more in one script)."""
-        return getattr(self.help, kind, None) if isinstance(self.help, PerScript) else self.help
+        return self.help.get(kind) if isinstance(self.help, dict) else self.help
 
 
 def _flag(name, default=None, type=None, help="", **kw):
@@ -91,20 +86,20 @@ TABLE = (
     # ------------------------------------------------------------ what a step computes
     _flag("batch_size", 64, int, "per-device batch size (global batch = batch_size x update_freq x processes)",
           checks=(R(1),)),
-    _flag("epochs", PerScript(100, 800), int, "epochs to train", checks=(R(1),)),
+    _flag("epochs", {FT: 100, PT: 800}, int, "epochs to train", checks=(R(1),)),
     _flag("update_freq", 1, int, "gradient accumulation steps per optimizer update", checks=(R(1),)),
-    _flag("model", "convnextv2_base", str, PerScript(
-        "model name: convnextv2_atto ... convnextv2_huge, or any timm model",
-        "the ConvNeXt V2 encoder to pretrain: convnextv2_atto ... convnextv2_huge (FCMAE pretrains our "
-        "ConvNeXt V2 encoders only)")),
+    _flag("model", "convnextv2_base", str, {
+        FT: "model name: convnextv2_atto ... convnextv2_huge, or any timm model",
+        PT: "the ConvNeXt V2 encoder to pretrain: convnextv2_atto ... convnextv2_huge (FCMAE pretrains our "
+            "ConvNeXt V2 encoders only)"}),
     _flag("input_size", 224, int, "image input size (pixels)",
           checks=(R(16, kinds=(FT,)), Rule(fc.multiple_of_32, kinds=(PT,)))),
     _flag("weight_decay", 0.05, float, "weight decay (AdamW)", checks=(R(0),)),
     _flag("lr", None, float, "absolute learning rate; default: blr x global batch / 256", checks=(R(0),)),
-    _flag("blr", PerScript(5e-4, 1.5e-4), float, "base learning rate: lr = blr x global batch / 256",
+    _flag("blr", {FT: 5e-4, PT: 1.5e-4}, float, "base learning rate: lr = blr x global batch / 256",
           checks=(R(0),)),
-    _flag("min_lr", PerScript(1e-6, 0.0), float, "lower lr bound of the cosine schedule", checks=(R(0),)),
-    _flag("warmup_epochs", PerScript(20, 40), int, "epochs of linear lr warmup", checks=(R(0),)),
+    _flag("min_lr", {FT: 1e-6, PT: 0.0}, float, "lower lr bound of the cosine schedule", checks=(R(0),)),
+    _flag("warmup_epochs", {FT: 20, PT: 40}, int, "epochs of linear lr warmup", checks=(R(0),)),
     _flag("warmup_steps", -1, int, "warmup in optimizer steps; wins over --warmup_epochs when > 0"),
     _flag("clip_grad", None, float, "clip the gradient norm to this value (default: no clipping)",
           checks=(R(0, low_open=True, hint=" (or left out)"),)),
@@ -114,9 +109,9 @@ TABLE = (
                                 "CIFAR), a folder of tar shards and classes.json (wds) or the training CSV (csv)"),
     _flag("data_set", "IMNET", str, "the kind of dataset: {data_sets} (synthetic is built in)"),
     _flag("imagenet_default_mean_and_std", True, str2bool, "normalise with ImageNet's mean and std (False: 0.5)"),
-    _flag("crop_pct", None, float, PerScript("evaluation centre-crop fraction (default 224/256 below 384 px)",
-                                             "evaluation centre-crop fraction; not used by pretraining, which "
-                                             "does not evaluate (default: none)"),
+    _flag("crop_pct", None, float, {FT: "evaluation centre-crop fraction (default 224/256 below 384 px)",
+                                    PT: "evaluation centre-crop fraction; not used by pretraining, which "
+                                        "does not evaluate (default: none)"},
           checks=(R(0, 1, low_open=True),)),
     _flag("num_workers", 10, int, "data loading worker processes per rank", role=SETTING, checks=(R(0),)),
     _flag("device_transforms", "auto", str, "where batches are finished: true: loader workers return uint8 images "
@@ -130,9 +125,9 @@ TABLE = (
     _flag("pin_mem", True, str2bool, "pin host memory of batches (faster copies to the GPU)", role=SETTING),
     _flag("synthetic_train_samples", 5000, int, "built-in dataset: training images",
           checks=(R(1, message="--synthetic_train_samples and --synthetic_val_samples must be >= 1"),)),
-    _flag("synthetic_val_samples", 1000, int, PerScript("built-in dataset: validation images",
-                                                        "built-in dataset: validation images (not used by "
-                                                        "pretraining, which does not evaluate)"),
+    _flag("synthetic_val_samples", 1000, int, {FT: "built-in dataset: validation images",
+                                               PT: "built-in dataset: validation images (not used by "
+                                                   "pretraining, which does not evaluate)"},
           checks=(R(1, message="--synthetic_train_samples and --synthetic_val_samples must be >= 1"),)),
     _flag("synthetic_classes", 10, int, "built-in dataset: classes (2-10)",
           checks=(R(2, 10, text="between 2 and 10"),)),
@@ -167,7 +162,8 @@ TABLE = (
     # ------------------------------------------------------------ speed
     _flag("channels_last", False, str2bool, "channels_last memory format for timm models (ours use it inside)",
           role=SETTING, nargs="?", const=True),
-    _flag("compile", False, str2bool, "torch.compile the model (eager fallback where it cannot compile)",
+    _flag("compile", False, str2bool, "torch.compile the model (where it cannot compile, the first step "
+                                      "stops with one line)",
           role=SETTING, nargs="?", const=True),
     _flag("grad_checkpointing", False, str2bool, "recompute the model's blocks in backward instead of keeping "
                                                  "their activations: less memory, more time per step, the same "
@@ -195,6 +191,8 @@ TABLE = (
     # ------------------------------------------------------------ fine-tuning
     _flag("drop_path", 0.0, float, "stochastic depth rate", checks=(R(0, 1, high_open=True, hint=", e.g. 0.1"),),
           **_ft),
+    _flag("freeze_stages", 0, int, "freeze the stem and the first N stages: no gradients, weights kept as "
+                                   "loaded", checks=(R(0, 4),), **_ft),
     _flag("layer_decay_type", "single", str, "single: one decay per block; group: per group of 3 blocks",
           choices=("single", "group"), parse_choices=True, **_ft),
     _flag("layer_decay", 1.0, float, "layer-wise lr decay (1: none)", checks=(R(0, 1, low_open=True),), **_ft),
@@ -215,6 +213,10 @@ TABLE = (
     _flag("aa", "rand-m9-mstd0.5-inc1", str, "RandAugment policy (timm); none to disable",
           checks=(Rule(fc.augment_policy, needs_torch=True),), **_ft),
     _flag("smoothing", 0.1, float, "label smoothing", checks=(R(0, 1, high_open=True),), **_ft),
+    _flag("bce_loss", False, str2bool, "binary cross-entropy per class instead of softmax cross-entropy "
+                                       "(timm's BinaryCrossEntropy; with mixup, cutmix and --smoothing)", **_ft),
+    _flag("bce_target_thresh", None, float, "with --bce_loss: targets above it become 1, the rest 0",
+          checks=(R(0, 1),), **_ft),
     _flag("train_interpolation", "bicubic", str, "interpolation of the training crop",
           choices=fc.INTERPOLATIONS, **_ft),
     _flag("scale", [0.08, 1.0], float, "RandomResizedCrop area range of the training transform (timm's --scale)",
@@ -235,20 +237,21 @@ TABLE = (
           checks=(R(0, 1),), **_ft),
     _flag("mixup_mode", "batch", str, "mix per batch, pair or element", choices=fc.MIXUP_MODES, **_ft),
     _flag("finetune", "", str, "weights to start from: a .pth/.pt/.bin/.safetensors file (ours, FCMAE, "
-                               "official, timm, Hugging Face) or a Hugging Face folder", **_ft),
+                               "official, timm, Hugging Face) or a Hugging Face folder", fixed={PT: ""}, **_ft),
     _flag("head_init_scale", 0.001, float, "scale of the classifier's initial weights", **_ft),
     _flag("model_key", "model|module", str, "where the weights are in a --finetune checkpoint (first found)",
           **_ft),
     _flag("model_prefix", "", str, "key prefix to strip from the --finetune weights", **_ft),
     _flag("save_safetensors", False, str2bool, "also write the final and best weights as model.safetensors "
-          "and model-best.safetensors (weights only, for release)", role=SETTING, **_ft),
+          "and model-best.safetensors (weights only, for release)", role=SETTING, fixed={PT: False}, **_ft),
     _flag("nb_classes", 1000, int, "number of classes (set from the dataset)", role=SETTING, **_ft),
-    _flag("eval_data_path", None, str, "validation data (default: <data_path>/val; the val CSV for csv)", **_ft),
+    _flag("eval_data_path", None, str, "validation data (default: <data_path>/val; the val CSV for csv)",
+          fixed={PT: None}, **_ft),
     _flag("eval", False, str2bool, "only evaluate (with --resume or --finetune)", role=LAUNCH,
-          study="--eval only evaluates; a study trains: leave it out", **_ft),
+          study="--eval only evaluates; a study trains: leave it out", fixed={PT: False}, **_ft),
     _flag("dist_eval", True, str2bool, "shard evaluation over the ranks (exact counts either way)", role=SETTING,
           **_ft),
-    _flag("disable_eval", False, str2bool, "no evaluation during training", **_ft),
+    _flag("disable_eval", False, str2bool, "no evaluation during training", fixed={PT: True}, **_ft),
     # ------------------------------------------------------------ pretraining
     _flag("mask_ratio", 0.6, float, "fraction of patches removed",
           checks=(R(0, 1, low_open=True, high_open=True, hint=", e.g. 0.6"), Rule(fc.mask_keeps_a_patch)), **_pt),
@@ -310,33 +313,15 @@ def names(kind):
     return frozenset(f.name for f in flags_of(kind))
 
 
-def default(name, kind):
-    """The default of flag `name` in script `kind` (KeyError for a name that is no flag)."""
-    return BY_NAME[name].default_for(kind)
-
-
-def value(args, name):
-    """`args.<name>`, or the flag's table default where this script has no such flag (`eval`
-    on a pretraining run): one place for the default, instead of a getattr default per caller."""
-    if hasattr(args, name):
-        return getattr(args, name)
-    flag = BY_NAME[name]
-    return flag.default_for(FT) if isinstance(flag.default, PerScript) else flag.default
-
-
 def not_outcome():
-    """Flags that do not change what a run computes: left out of the run signature."""
+    """Flags that do not change what a run computes: left out of the run signature, and a search
+    space may not name them."""
     return frozenset(f.name for f in TABLE if f.role != OUTCOME)
 
 
 def per_launch():
     """Flags of one launch: left out of config.yaml (listed in its header comment instead)."""
     return frozenset(f.name for f in TABLE if f.role in (LAUNCH, LAUNCHER))
-
-
-def not_searchable():
-    """Flags a search space may not name: they do not change what a run computes."""
-    return not_outcome()
 
 
 def study_refusals():
@@ -357,10 +342,20 @@ def canonical(v):
 
 def add_flags(parser, kind, group=None):
     """Add the flags of `kind` to an argparse parser (or to `group` of it), each help text ending
-    with the flag's default in this script. Returns the parser."""
-    add = (group or parser).add_argument
+    with the flag's default in this script, and the `fixed` values of the flags it lacks. Returns
+    the parser."""
     for f in flags_of(kind):
-        kw = dict(default=f.default_for(kind), help=_help(f, kind))
+        text, value = f.help_for(kind), f.default_for(kind)
+        if "{data_sets}" in text:
+            from util.data import DATA_SETS  # the dataset registry names the kinds
+            text = text.format(data_sets=" | ".join(DATA_SETS))
+        if "default" not in text.lower():
+            shown = ("off" if f.action == "store_true" else
+                     "none" if value in (None, []) else
+                     "empty" if value == "" else
+                     " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value)
+            text += f" (default: {shown})"
+        kw = dict(default=value, help=text.replace("%", "%%"))  # argparse %-formats help texts
         if f.action:
             kw["action"] = f.action
         if f.type is not None and f.action != "store_true":
@@ -372,7 +367,10 @@ def add_flags(parser, kind, group=None):
             kw["metavar"] = "BOOL"  # explained once, in the epilog (BOOL_HELP)
         if f.parse_choices:
             kw["choices"] = f.choices
-        add(f"--{f.name}", *f.aliases, **kw)
+        (group or parser).add_argument(f"--{f.name}", *f.aliases, **kw)
+    # set on the parsed args without an action: not on the command line, in --help, --config,
+    # config.yaml or the signature (util/config.flag_dests lists the actions only)
+    parser.set_defaults(**{f.name: f.fixed[kind] for f in TABLE if kind in (f.fixed or {})})
     return parser
 
 
@@ -380,27 +378,6 @@ BOOL_HELP = ("BOOL: True or False (also 1/0, yes/no, on/off), as in the original
              "True; [BOOL]: the flag alone means True. Flags without a value (--force) are off unless given. "
              "Any flag can also come from a YAML --config FILE (the command line wins). Every flag, its "
              "default and its checks: util/flags.py; what each mistake says: docs/errors.md.")
-
-
-def _help(flag, kind):
-    text = flag.help_for(kind)
-    if "{data_sets}" in text:
-        from util.data import DATA_SETS  # the dataset registry names the kinds
-        text = text.format(data_sets=" | ".join(DATA_SETS))
-    if "default" not in text.lower():
-        text += f" (default: {_shown_default(flag, kind)})"
-    return text.replace("%", "%%")  # argparse %-formats help texts
-
-
-def _shown_default(flag, kind):
-    value = flag.default_for(kind)
-    if flag.action == "store_true":
-        return "off"
-    if value is None or value == []:
-        return "none"
-    if value == "":
-        return "empty"
-    return " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def build_parser(kind, description, prog=None):
@@ -420,7 +397,7 @@ def checks(kind, needs_torch=None):
     for f in flags_of(kind):
         for i, c in enumerate(_choice_checks(f) + list(f.checks)):
             if kind in c.kinds and needs_torch in (None, getattr(c, "needs_torch", False)):
-                out.append((f"{f.name}:{i}", _bound(c, f.name)))
+                out.append((f"{f.name}:{i}", functools.partial(c, f.name)))
     return out
 
 
@@ -428,10 +405,6 @@ def _choice_checks(f, documented=False):
     if not f.choices or (f.parse_choices and not documented):
         return []
     return [fc.Choice(f.choices, ignore_case=f.ignore_case)]
-
-
-def _bound(check, name):
-    return lambda args: check(name, getattr(args, name, None), args)
 
 
 def first_failure(args, kind, needs_torch=None):
@@ -450,24 +423,15 @@ def markdown():
     """The table of flags with checks, for docs/errors.md (between its `flag-checks` markers)."""
     rows = ["| Flag | Scripts | Default | Valid values |", "|---|---|---|---|"]
     for f in TABLE:
-        shown = [_described(c, f) for c in _choice_checks(f, documented=True) + list(f.checks)]
+        shown = []
+        for c in _choice_checks(f, documented=True) + list(f.checks):
+            only = [s for s in f.scripts if s in c.kinds]  # a check some of the flag's scripts make
+            shown.append(c.describe() + ("" if only == list(f.scripts) else f" ({', '.join(_SHORT[s] for s in only)})"))
         if not shown:
             continue
         scripts = ", ".join(_SHORT[s] for s in f.scripts)
-        dflt = f.default if not isinstance(f.default, PerScript) else \
-            f"{f.default.finetune} (F), {f.default.pretrain} (P)"
+        dflt = ", ".join(f"{v} ({_SHORT[k]})" for k, v in f.default.items()) if isinstance(f.default, dict) \
+            else f.default
         rows.append(f"| `--{f.name}` | {scripts} | `{dflt}` | {'; '.join(shown)} |")
     return "\n".join(rows) + "\n"
 
-
-def _described(check, flag):
-    only = [s for s in flag.scripts if s in check.kinds]
-    return check.describe() + (f" ({', '.join(_SHORT[s] for s in only)})" if len(only) < len(flag.scripts) else "")
-
-
-if __name__ == "__main__":
-    import sys
-    if sys.argv[1:] == ["--markdown"]:
-        sys.stdout.write(markdown())
-    else:
-        print("usage: python -m util.flags --markdown  (the table of checks for docs/errors.md)")

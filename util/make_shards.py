@@ -21,9 +21,9 @@ import tarfile
 
 import numpy as np
 
-from util.atomic import atomic_file, atomic_write_text
+from models.atomic import atomic_file, atomic_write_text
 from util.data.wds import scan_shard, write_index
-from util.errors import UserError, exit_on_user_error
+from util.errors import UserError, user_errors
 
 EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".ppm": "ppm", ".pgm": "pgm",
               ".bmp": "bmp", ".tif": "tiff", ".tiff": "tiff"}
@@ -103,7 +103,7 @@ def make_shards(src, out, shard_size, seed=0):
     return made
 
 
-@exit_on_user_error
+@user_errors()
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="image folder with train/<class>/ and val/<class>/")

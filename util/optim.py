@@ -110,11 +110,9 @@ def effective_lr(args, world_size):
 
 
 def updates_per_epoch(batches, update_freq):
-    """Optimizer updates in an epoch of `batches` micro-batches (whole updates only)."""
-    updates = batches // update_freq
-    if updates < 1:
-        raise UserError("one epoch has fewer batches than --update_freq; lower --update_freq or --batch_size")
-    return updates
+    """Optimizer updates in an epoch of `batches` micro-batches (whole updates only; at least one,
+    util/validate.check_inputs made sure)."""
+    return batches // update_freq
 
 
 def lr_schedule(args, lr, updates):

@@ -12,20 +12,15 @@ every optimizer step.
 import signal
 import threading
 import time
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from util.distributed import is_dist
+
 
 class Preempted(Exception):
     """Raised after the state was saved because a stop was requested."""
-
-
-class Decision(NamedTuple):
-    """What every rank does after this optimizer step."""
-    stop: bool           # save and stop (a signal reached some rank)
-    save_rolling: bool   # save checkpoint-last.pth (rank 0's --save_ckpt_minutes timer)
 
 
 class StopSignals:
@@ -63,16 +58,18 @@ class StopSignals:
         return [1.0 if self.requested else 0.0, 1.0 if save_due else 0.0]
 
     def poll(self):
-        """Return the Decision (stop, save_rolling) for this step, identical on all ranks."""
-        if not (dist.is_available() and dist.is_initialized()):
+        """What every rank does after this optimizer step, the same on all ranks: (stop: save and
+        stop, a signal reached some rank; save_rolling: save checkpoint-last.pth, rank 0's
+        --save_ckpt_minutes timer)."""
+        if not is_dist():
             stop, save = self._local()
-            return Decision(bool(stop), bool(save))
+            return bool(stop), bool(save)
         group = self._flags_group()
-        decided = Decision(False, False)
+        decided = (False, False)
         if self._pending is not None:
             work, t = self._pending
             work.wait()
-            decided = Decision(bool(t[0] > 0), bool(t[1] > 0))
+            decided = (bool(t[0] > 0), bool(t[1] > 0))
         t = torch.tensor(self._local())  # CPU: no device copy, no device sync
         self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), t)
         return decided

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from util import distributed as du
-from util import flags
 from util import runs
-from util.config import save_config
+from util.config import flag_dests, save_config
 from util.console import info
 from util.errors import UserError
 
@@ -50,8 +49,11 @@ class RunContext:
         return out
 
     def settings(self, args):
-        """A copy of `args` with the learned values merged in (args itself is left as it is)."""
+        """A copy of `args` with the learned values merged in (args itself is left as it is),
+        without the values the flag table fixes for flags this script lacks (util/flags.Flag.fixed)."""
         merged = copy.copy(args)
+        for name in set(vars(args)) - (flag_dests(args) or set(vars(args))):
+            delattr(merged, name)
         vars(merged).update(self.learned())
         return merged
 
@@ -83,44 +85,33 @@ class AlreadyCompleted(SystemExit):
         self.run_dir = run_dir
 
 
-@dataclass(frozen=True)
-class _Decision:
-    """Rank 0's answer, broadcast to every rank: a directory, a completed run or a refusal."""
-    run_dir: Optional[str] = None
-    completed: Optional[str] = None    # the message saying the run completed
-    error: Optional[str] = None
-
-
-def _decide(args, kind, world_size):
-    if flags.value(args, "eval") and args.resume and not args.output_dir:
-        # evaluating a given checkpoint: its own folder, not the run (or a -rN sibling) the
-        # settings would name; eval.json goes next to it
-        return _Decision(run_dir=os.path.dirname(args.resume) or ".")
-    try:
-        return _Decision(run_dir=runs.prepare_run_dir(args, kind=kind, world_size=world_size))
-    except runs.RunCompleted as done:
-        return _Decision(run_dir=done.run_dir, completed=str(done))
-    except UserError as e:  # every rank stops with it, none waits for the others
-        return _Decision(error=str(e))
-
-
 def open_run(args, kind, ctx):
     """Pick the run directory (rank 0 decides, all ranks agree; a refusal stops every rank) and
     write config.yaml (not for --eval). Returns `ctx` with run_dir and log_dir, or exits 0
     (AlreadyCompleted) when the run already completed."""
-    decision = du.broadcast_object(_decide(args, kind, ctx.dist.world_size) if du.is_main_process() else None)
-    if decision.error is not None:
-        raise UserError(decision.error)
-    if decision.completed is not None:
-        info(decision.completed)
-        du.cleanup()
-        raise AlreadyCompleted(decision.run_dir)
-    run_dir = decision.run_dir
-    ctx = replace(ctx, run_dir=run_dir, log_dir=args.log_dir or os.path.join(run_dir, "tensorboard"))
+    decided = None
     if du.is_main_process():
-        os.makedirs(run_dir, exist_ok=True)
-        if not flags.value(args, "eval"):  # evaluating leaves the run's config as it is
-            save_config(ctx.settings(args), os.path.join(run_dir, "config.yaml"))
+        try:
+            if args.eval and args.resume and not args.output_dir:
+                # evaluating a given checkpoint: eval.json goes next to it, not into the run (or a
+                # -rN sibling) the settings would name
+                decided = os.path.dirname(args.resume) or "."
+            else:
+                decided = runs.prepare_run_dir(args, kind, ctx.dist.world_size)
+        except (runs.RunCompleted, UserError) as stop:  # every rank stops with it, none waits for the others
+            decided = stop
+    decided = du.broadcast_object(decided)
+    if isinstance(decided, runs.RunCompleted):
+        info(str(decided))
+        du.cleanup()
+        raise AlreadyCompleted(decided.run_dir)
+    if isinstance(decided, UserError):
+        raise decided
+    ctx = replace(ctx, run_dir=decided, log_dir=args.log_dir or os.path.join(decided, "tensorboard"))
+    if du.is_main_process():
+        os.makedirs(decided, exist_ok=True)
+        if not args.eval:  # evaluating leaves the run's config as it is
+            save_config(ctx.settings(args), os.path.join(decided, "config.yaml"))
     return ctx
 
 

@@ -23,11 +23,9 @@ import socket
 import subprocess
 import sys
 
-from util.atomic import atomic_write_json
 from util import flags
-from util.config import RUNTIME_ATTRS, flag_dests
-from util.errors import UserError, exit_on_user_error
-from util.legacy_signature import legacy_signature
+from util.config import RUNTIME_ATTRS, flag_dests, load_yaml
+from util.errors import UserError, user_errors
 
 SIGNATURE_VERSION = 3  # bump when the signature's meaning changes (a default included); see docs/runs.md
 KINDS = ("finetune", "pretrain")
@@ -35,7 +33,6 @@ STATUSES = ("running", "completed", "failed", "preempted", "pruned")  # pruned: 
 DEFAULT_ROOT = "runs"
 RECORD = "run.json"
 CONFIG = "config.yaml"
-
 
 
 def outcome_defaults():
@@ -62,14 +59,11 @@ class RunCompleted(Exception):
 
 # ---------------------------------------------------------------- signature
 
-_canonical = flags.canonical
-
-
 def outcome_settings(args, world_size):
     """Every outcome-changing setting, with batch_size x update_freq x world_size as
     `global_batch` and lr and blr as the effective `lr`."""
     dests = flag_dests(args)
-    out = {k: _canonical(v) for k, v in vars(args).items()
+    out = {k: flags.canonical(v) for k, v in vars(args).items()
            if (dests is None or k in dests) and k not in OUTCOME_EXCLUDED
            and not k.startswith("_")}
     global_batch = None
@@ -79,20 +73,21 @@ def outcome_settings(args, world_size):
         global_batch = args.batch_size * (getattr(args, "update_freq", None) or 1) * int(world_size)
         out["global_batch"] = global_batch
     # Only the effective lr matters: `--lr X` and the blr that gives X are the same run, and so
-    # is an lr derived from blr (util/optim.resolve_lr) before asking.
+    # is an lr derived from blr (util/optim.effective_lr) before asking.
     if "lr" in out or "blr" in out:
         lr, blr = out.pop("lr", None), out.pop("blr", None)
         if lr is None and blr is not None and global_batch is not None:
             lr = blr * global_batch / 256
         if lr is None:
             out["blr"] = blr
-        out["lr"] = None if lr is None else _canonical(float(f"{float(lr):.12g}"))
+        out["lr"] = None if lr is None else flags.canonical(float(f"{float(lr):.12g}"))
     return out
 
 
 def _is_default(name, value, kind):
     flag = flags.BY_NAME.get(name)
-    return flag is not None and kind in flag.scripts and _canonical(flag.default_for(kind)) == value
+    return (flag is not None and kind in flag.scripts
+            and flags.canonical(flag.default_for(kind)) == value)
 
 
 def settings(args, world_size, kind):
@@ -103,22 +98,65 @@ def settings(args, world_size, kind):
             if k in ("global_batch", "lr") or not _is_default(k, v, kind)}
 
 
+def _hash(kind, hashed, version):
+    blob = json.dumps({"kind": kind, "settings": hashed, "version": version}, sort_keys=True,
+                      separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
 def signature(args, world_size, kind):
     """sha256 hex of the canonical JSON of `settings(args, world_size, kind)`, the kind and a salt."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    blob = json.dumps({"kind": kind, "settings": settings(args, world_size, kind),
-                       "version": SIGNATURE_VERSION}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return _hash(kind, settings(args, world_size, kind), SIGNATURE_VERSION)
 
 
 def _model_part(args):
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(getattr(args, "model", None) or "run"))
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(args.model or "run"))
 
 
 def run_name(args, world_size, kind):
     """`<model>-<first 10 hex of the signature>`."""
     return f"{_model_part(args)}-{signature(args, world_size, kind)[:10]}"
+
+
+# Version 2 hashed every outcome flag the script had, default or not, so each new flag changed
+# every signature. Its runs are still found (prepare_run_dir): their signature is computed from
+# the flags version 2 knew, frozen here, as long as every flag added since is at its default
+# (otherwise version 2 could not have made the run). batch_size, update_freq, lr and blr enter as
+# global_batch and the effective lr, as in version 3.
+V2_FLAGS = {
+    "finetune": frozenset((
+        "aa", "batch_size", "blr", "clip_grad", "color_jitter", "crop_pct", "cutmix", "cutmix_minmax",
+        "data_path", "data_set", "disable_eval", "drop_path", "epochs", "eval_data_path", "finetune",
+        "head_init_scale", "imagenet_default_mean_and_std", "input_size", "layer_decay",
+        "layer_decay_type", "lr", "min_lr", "mixup", "mixup_mode", "mixup_prob", "mixup_switch_prob",
+        "model", "model_ema", "model_ema_decay", "model_ema_eval", "model_key", "model_prefix",
+        "momentum", "opt", "opt_betas", "opt_eps", "recount", "remode", "reprob", "resplit", "scale",
+        "seed", "smoothing", "synthetic_classes", "synthetic_seed", "synthetic_train_samples",
+        "synthetic_val_samples", "train_interpolation", "update_freq", "use_amp", "warmup_epochs",
+        "warmup_steps", "weight_decay", "weight_decay_end")),
+    "pretrain": frozenset((
+        "batch_size", "blr", "clip_grad", "crop_pct", "data_path", "data_set", "decoder_depth",
+        "decoder_embed_dim", "epochs", "imagenet_default_mean_and_std", "input_size", "lr",
+        "mask_ratio", "min_lr", "model", "norm_pix_loss", "seed", "synthetic_classes",
+        "synthetic_seed", "synthetic_train_samples", "synthetic_val_samples", "update_freq",
+        "use_amp", "warmup_epochs", "warmup_steps", "weight_decay")),
+}
+
+
+def legacy_signature(args, world_size, kind):
+    """The version-2 signature of these settings, or None when version 2 could not have made
+    the run (a flag it did not have is set away from its default, or one it had is gone)."""
+    known, hashed = V2_FLAGS[kind], {}
+    for name, value in outcome_settings(args, world_size).items():
+        if name in known or name in ("global_batch", "lr", "blr"):
+            hashed[name] = value
+        elif not _is_default(name, value, kind):
+            return None
+    if any(name not in hashed for name in known - {"batch_size", "update_freq", "lr", "blr"}):
+        return None
+    return _hash(kind, hashed, 2)
 
 
 # ---------------------------------------------------------------- run directory
@@ -150,52 +188,41 @@ def prepare_run_dir(args, kind, world_size):
 
     - `args.output_dir` set: that directory, as is; refused when it holds a run of other
       settings (check_holds_this_run); RunCompleted when its run completed.
-    - else `<runs_root>/<kind>/<model>-<sig10>`, or its newest --force sibling `-rN`;
-      raises RunCompleted when that one completed (not for `--eval`: evaluating is fine).
+    - else `<runs_root>/<kind>/<model>-<sig10>`, or its newest --force sibling `-rN`, or, when
+      none exists, the run version 2 of the signature named; raises RunCompleted when that one
+      completed (not for `--eval`: evaluating is fine).
     - `args.force`: a fresh sibling after the newest (`-r2`, `-r3`, ...). The caller must point
       relaunches (requeue) at the chosen directory with `output_dir`, or they fork again.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    explicit = flags.value(args, "output_dir")
-    if explicit:
-        if flags.value(args, "force"):
+    if args.output_dir:
+        if args.force:
             raise UserError(f"--force starts a fresh run beside the one its settings name; with "
-                            f"--output_dir, give a new folder instead of {explicit}")
-        record = check_holds_this_run(explicit, args, world_size, kind)
-        if record.get("status") == "completed" and not flags.value(args, "eval"):
-            raise RunCompleted(f"run already completed: {explicit} ({_best_text(record)}); "
-                               "give another --output_dir to train again", run_dir=explicit, record=record)
-        os.makedirs(explicit, exist_ok=True)
-        return str(explicit)
-    root = flags.value(args, "runs_root") or DEFAULT_ROOT
-    base = os.path.join(root, kind, run_name(args, world_size, kind))
+                            f"--output_dir, give a new folder instead of {args.output_dir}")
+        record = check_holds_this_run(args.output_dir, args, world_size, kind)
+        if record.get("status") == "completed" and not args.eval:
+            raise RunCompleted(f"run already completed: {args.output_dir} ({_best_text(record)}); "
+                               "give another --output_dir to train again", args.output_dir, record)
+        os.makedirs(args.output_dir, exist_ok=True)
+        return str(args.output_dir)
+    root = os.path.join(args.runs_root or DEFAULT_ROOT, kind)
+    base = os.path.join(root, run_name(args, world_size, kind))
     found = _siblings(base)
-    if not found and not flags.value(args, "force"):
-        base, found = _legacy_run(args, world_size, kind, root) or (base, found)
+    old = None if found or args.force else legacy_signature(args, world_size, kind)
+    if old:  # the run version 2 of the signature named: an upgrade must not start it over
+        old_base = os.path.join(root, f"{_model_part(args)}-{old[:10]}")
+        if _siblings(old_base):
+            base, found = old_base, _siblings(old_base)
     newest = max(found) if found else None
-    if flags.value(args, "force"):
+    if args.force:
         path = base if newest is None else f"{base}-r{newest + 1}"
     else:
         path = base if newest is None else found[newest]
         record = RunRecord.load(path)
-        if record and record.get("status") == "completed" and not flags.value(args, "eval"):
+        if record and record.get("status") == "completed" and not args.eval:
             raise RunCompleted(f"run already completed: {path} ({_best_text(record)}); "
-                               "pass --force to start a fresh run beside it",
-                               run_dir=path, record=record)
+                               "pass --force to start a fresh run beside it", path, record)
     os.makedirs(path, exist_ok=True)
     return path
-
-
-def _legacy_run(args, world_size, kind, root):
-    """(base, siblings) of the run that code before signature version 3 made for these settings,
-    or None: an upgrade must not make the same command start over."""
-    old = legacy_signature(args, world_size, kind, outcome_settings(args, world_size))
-    if old is None:
-        return None
-    base = os.path.join(root, kind, f"{_model_part(args)}-{old[:10]}")
-    found = _siblings(base)
-    return (base, found) if found else None
 
 
 def check_holds_this_run(path, args, world_size, kind):
@@ -203,7 +230,7 @@ def check_holds_this_run(path, args, world_size, kind):
     settings would resume from that run's checkpoints and overwrite them. Settings are compared
     by value with the folder's config.yaml (not by signature), so a run made by older code,
     before a flag was added, is still continued. Returns the folder's run.json (or {})."""
-    if flags.value(args, "eval") or not os.path.isdir(path):
+    if args.eval or not os.path.isdir(path):
         return {}  # evaluating writes only eval.json
     record = RunRecord.load(path) or {}
     if record.get("kind") not in (None, kind):
@@ -211,7 +238,6 @@ def check_holds_this_run(path, args, world_size, kind):
     config = os.path.join(path, CONFIG)
     if not os.path.isfile(config):
         return record
-    from util.config import load_yaml
     old = outcome_settings(argparse.Namespace(**load_yaml(config)), record.get("world_size") or world_size)
     new = outcome_settings(args, world_size)
     changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
@@ -330,6 +356,7 @@ class RunRecord:
         self.data["updated"] = _now()
         try:
             os.makedirs(self.run_dir, exist_ok=True)
+            from models.atomic import atomic_write_json  # not at import: the cheap checks load no models/
             atomic_write_json(self.path, self.data)
         except OSError as e:
             raise UserError(f"could not write {self.path} ({e.strerror or e}); free disk space or choose "
@@ -348,7 +375,7 @@ class RunRecord:
                  git_commit=commit, git_dirty=dirty, command=shlex.join(sys.argv),
                  hostnames=self.hostnames, world_size=self.world_size, versions=versions(),
                  slurm=slurm_info(), epoch=int(start_epoch), step=int(start_step),
-                 total_epochs=getattr(self.args, "epochs", None))
+                 total_epochs=self.args.epochs)
         d.setdefault("started", now)
         d.setdefault("best_metric", None)
         d.setdefault("restarts", []).append({
@@ -419,18 +446,13 @@ def _parse_time(s):
         return 0.0
 
 
-def _total_epochs(run_dir, record):
-    if record.get("total_epochs") is not None:
-        return record["total_epochs"]
-    try:
-        from util.config import load_yaml
-        return load_yaml(os.path.join(run_dir, CONFIG)).get("epochs")
-    except UserError:
-        return None
-
-
 def _row(run_dir, r):
-    total, epoch = _total_epochs(run_dir, r), r.get("epoch")
+    total, epoch = r.get("total_epochs"), r.get("epoch")
+    if total is None:  # a run.json without it: its config.yaml
+        try:
+            total = load_yaml(os.path.join(run_dir, CONFIG)).get("epochs")
+        except UserError:
+            pass
     if epoch is None:
         progress = "-"
     elif total:
@@ -511,7 +533,7 @@ def quiet_on_broken_pipe(fn):
 
 
 @quiet_on_broken_pipe
-@exit_on_user_error
+@user_errors()
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["show"]:

@@ -1,23 +1,22 @@
 """The optimisation loop every task shares: `train_step` (accumulation with DDP `no_sync`,
-autocast, scaled backward, clipping, per-iteration lr/wd schedule, EMA), the step --preflight
-times too, and `train_one_epoch` around it: logging without per-step host syncs and a clean
-stop at a step boundary (preemption, rolling checkpoint). A task gives the loss of a batch."""
+autocast, scaled backward, clipping, EMA), the step --preflight times too, and
+`train_one_epoch` around it: the lr/wd schedule, logging without per-step host syncs and a
+clean stop at a step boundary (preemption, rolling checkpoint). A task gives the loss of a
+batch; the run's settings come from `args` (update_freq, clip_grad, print_freq,
+skip_nonfinite, channels_last)."""
 import contextlib
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from util.console import info
+from util.distributed import get_world_size, is_dist
 from util.errors import UserError
 from util.logger import StepMeter, progress_line
 from util.optim import apply_schedule
 from util.preemption import Preempted
-
-
-class NonFiniteLoss(UserError):
-    pass
 
 
 @dataclass
@@ -40,217 +39,156 @@ class Amp:
         return torch.autocast(device_type=self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
-@dataclass
-class LoopState:
-    """What train_step and train_one_epoch need besides the model, data and optimizer."""
-    amp: Amp
-    update_freq: int = 1
-    clip_grad: Optional[float] = None
-    lr_schedule: Optional[object] = None        # numpy array, one value per optimizer update
-    wd_schedule: Optional[object] = None
-    updates_per_epoch: int = 1
-    model_ema: Optional[object] = None
-    print_freq: int = 20
-    tb: Optional[object] = None
-    stop: Optional[object] = None               # util.preemption.StopSignals
-    save_fn: Optional[Callable] = None          # save_fn(epoch, next_step, tag) at a boundary
-    skip_nonfinite: int = 0
-    skipped_steps: list = field(default_factory=list)
-    channels_last: bool = False
-    world_size: int = 1
-    checks: Optional[Callable] = None           # checks() at each log line, same steps on all ranks
-
-
-def _to_device(x, device, channels_last):
-    if not torch.is_tensor(x):
-        return x
-    if channels_last and x.ndim == 4:
-        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return x.to(device, non_blocking=True)
-
-
-@dataclass
-class Loss:
-    """A loss function may return this instead of the bare loss, to log more scalars."""
-    value: torch.Tensor
-    extras: Optional[dict] = None
-
-
-@dataclass
-class Step:
-    """What one micro-step did, for the epoch's bookkeeping."""
-    loss: torch.Tensor                  # detached, still on the device
-    extras: Optional[dict] = None       # more scalars from the loss function, for the log
-    images: int = 0
-    updated: bool = False               # the optimizer stepped (the update's last micro-step)
-    grad_norm: Optional[torch.Tensor] = None
-    skipped: bool = False               # a non-finite loss skipped under --skip_nonfinite
-
-
-def train_step(model, loss_fn, batch, optimizer, device, epoch, step, st: LoopState, params,
+def train_step(model, loss_fn, batch, optimizer, device, amp, args, update, ema=None, ema_step=0,
                measure_norm=False):
-    """Micro-step `step` of `epoch`, as every run (and --preflight) takes it: the update's lr and
-    weight decay, the batch on the device, forward under autocast (DDP's no_sync while
-    accumulating), backward of the scaled loss / update_freq; on the update's last micro-step
-    clipping (else, with `measure_norm`, the norm for the log), optimizer step, EMA.
-    `loss_fn(model, batch)` returns the loss (a tensor, or a Loss with extras for the log)."""
-    uf = st.update_freq
-    it = epoch * st.updates_per_epoch + step // uf
-    if step % uf == 0 and st.lr_schedule is not None:
-        apply_schedule(optimizer, float(st.lr_schedule[it]),
-                       float(st.wd_schedule[it]) if st.wd_schedule is not None else None)
-    batch = [_to_device(x, device, st.channels_last) for x in batch]
-    is_update = (step + 1) % uf == 0
-    sync_ctx = model.no_sync() if (not is_update and hasattr(model, "no_sync")) else contextlib.nullcontext()
+    """One micro-step, as every run (and --preflight) takes it: the batch on the device, forward
+    under autocast (DDP's no_sync while accumulating), backward of the scaled loss / update_freq;
+    when `update` (the update's last micro-step) clipping (else, with `measure_norm`, the norm
+    for the log), optimizer step, EMA. `loss_fn(model, batch)` returns the loss.
+    Returns (detached loss, gradient norm or None), or None when --skip_nonfinite skipped it."""
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    batch = [x.to(device, non_blocking=True, memory_format=fmt) if torch.is_tensor(x) and x.ndim == 4
+             else x.to(device, non_blocking=True) if torch.is_tensor(x) else x for x in batch]
+    sync_ctx = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
     with sync_ctx:
-        with st.amp.autocast():
+        with amp.autocast():
             loss = loss_fn(model, batch)
-        loss, extras = (loss.value, loss.extras) if isinstance(loss, Loss) else (loss, None)
         loss_d = loss.detach()
-        if st.skip_nonfinite and not _all_finite(loss_d):
-            _record_skip(st, epoch, step)
+        if args.skip_nonfinite and not _all_finite(loss_d):
             optimizer.zero_grad(set_to_none=True)
-            return Step(loss_d, skipped=True)
-        st.amp.scaler.scale(loss / uf).backward()
-    norm = _update(model, optimizer, params, st, it, measure_norm) if is_update else None
-    return Step(loss_d, extras, batch[0].shape[0], is_update, norm)
-
-
-def _update(model, optimizer, params, st, it, measure_norm):
-    """Clip (or measure), step, zero the gradients, update the EMA. Returns the norm or None."""
-    norm = None
-    if st.clip_grad:
-        st.amp.scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, st.clip_grad)
+            return None
+        amp.scaler.scale(loss / args.update_freq).backward()
+    if not update:
+        return loss_d, None
+    norm, params = None, [p for p in model.parameters() if p.requires_grad]
+    if args.clip_grad:
+        amp.scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
     elif measure_norm:  # for the log only: measure, do not clip, undo the loss scale
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        norm = norm / st.amp.scaler.get_scale() if st.amp.scaler.is_enabled() else norm
-    st.amp.scaler.step(optimizer)
-    st.amp.scaler.update()
+        norm = norm / amp.scaler.get_scale() if amp.scaler.is_enabled() else norm
+    amp.scaler.step(optimizer)
+    amp.scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    if st.model_ema is not None:
-        st.model_ema.update(model, step=it)
-    return norm
+    if ema is not None:
+        ema.update(model, step=ema_step)
+    return loss_d, norm
 
 
-class _Tally:
-    """An epoch's running sums, kept on the device between log lines (no per-step host sync)."""
-
-    def __init__(self, device):
-        self.meter = StepMeter()
-        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        self.n_steps, self.images_since_log = 0, 0
-        self.data_s = self.data_s_log = 0.0   # seconds the loop waited for its batches
-        self.t0 = self.t_log = time.time()
-
-    def add(self, step, out):
-        self.loss_sum += out.loss
-        bad = ~torch.isfinite(out.loss)
-        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step),
-                                     self.first_bad)
-        self.n_steps += 1
-        self.images_since_log += out.images
-
-    def stats(self, optimizer, batch_size, world_size):
-        elapsed = time.time() - self.t0
-        stats = self.meter.averages()
-        stats["loss"] = float(self.loss_sum) / max(self.n_steps, 1)
-        stats["lr"] = max(g["lr"] for g in optimizer.param_groups)
-        stats["img_per_s"] = self.n_steps * (batch_size or 1) * world_size / max(elapsed, 1e-9)
-        stats["data_wait"] = self.data_s / max(elapsed, 1e-9)
-        return stats
-
-
-def _timed(loader, tally):
-    """The loader's batches, adding the time spent waiting for each to `tally.data_s`: the share
-    of an epoch a device waits on data (on CUDA the host runs ahead of the device, so a loop that
-    keeps the GPU busy waits here only when the loader is behind)."""
-    it = iter(loader)
-    while True:
+def train_one_epoch(model, loss_fn, data_loader, optimizer, device, epoch, args, amp, ema=None,
+                    lr_schedule=None, wd_schedule=None, start_step=0, tb=None, stop=None, save_fn=None,
+                    checks=None, skipped_steps=None):
+    """Train one epoch from micro-step `start_step`: the update's lr and weight decay from the
+    schedules (one value per optimizer update), train_step for each batch, a log line (console,
+    TensorBoard `tb`) every --print_freq steps and `checks()` before it; after each update
+    `stop` (util/preemption.StopSignals) is polled: `save_fn(epoch, next_step)` writes the
+    rolling checkpoint, and a requested stop raises Preempted after saving. Steps skipped under
+    --skip_nonfinite are appended to `skipped_steps` ([epoch, step]). Returns the epoch's
+    averaged stats."""
+    model.train()
+    uf, world = args.update_freq, get_world_size()
+    # the loader of a resumed epoch holds its remaining batches only
+    total = (start_step + len(data_loader)) // uf * uf   # whole updates only
+    updates_per_epoch = total // uf
+    skipped_steps = [] if skipped_steps is None else skipped_steps
+    # the epoch's running sums stay on the device between log lines: no per-step host sync
+    meter = StepMeter()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    n_steps = images_since_log = 0
+    data_s = data_s_log = 0.0   # seconds waited for batches: the share of the epoch a device waits on data
+    t0 = t_log = time.time()
+    optimizer.zero_grad(set_to_none=True)
+    batches = iter(data_loader)
+    for step in range(start_step, total):
         t = time.perf_counter()
         try:
-            batch = next(it)
+            batch = next(batches)
         except StopIteration:
-            return
-        waited = time.perf_counter() - t
-        tally.data_s += waited
-        tally.data_s_log += waited
-        yield batch
-
-
-def train_one_epoch(model, loss_fn, data_loader, optimizer, device, epoch, st: LoopState,
-                    start_step=0, header="train"):
-    """Train one epoch from micro-step `start_step` (train_step for each batch), with a log line
-    every --print_freq steps and a stop at an update boundary. Returns the epoch's averaged
-    stats. Raises Preempted after saving when a stop was requested."""
-    model.train()
-    uf = st.update_freq
-    total = (start_step + len(data_loader)) // uf * uf   # whole updates only
-    tally = _Tally(device)
-    optimizer.zero_grad(set_to_none=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    for step, batch in enumerate(_timed(data_loader, tally), start=start_step):
-        if step >= total:
             break
-        log_now = (step + 1) % st.print_freq == 0 or step + 1 == total
-        out = train_step(model, loss_fn, batch, optimizer, device, epoch, step, st, params, log_now)
-        if out.skipped:
+        waited = time.perf_counter() - t
+        data_s, data_s_log = data_s + waited, data_s_log + waited
+        it = epoch * updates_per_epoch + step // uf
+        if step % uf == 0 and lr_schedule is not None:
+            apply_schedule(optimizer, float(lr_schedule[it]), None if wd_schedule is None else float(wd_schedule[it]))
+        log_now = (step + 1) % args.print_freq == 0 or step + 1 == total
+        update = (step + 1) % uf == 0
+        try:
+            out = train_step(model, loss_fn, batch, optimizer, device, amp, args, update, ema, it, log_now)
+        except Exception as e:
+            if args.compile and step == start_step and not isinstance(e, UserError):
+                raise compile_failed(e) from e
+            raise
+        if out is None:
+            skipped_steps.append([epoch, step])
+            print(f"warning: non-finite loss at epoch {epoch} step {step}; step skipped "
+                  f"({len(skipped_steps)}/{args.skip_nonfinite})", flush=True)  # every rank says it
+            if len(skipped_steps) > args.skip_nonfinite:
+                raise NonFiniteLoss(f"more than --skip_nonfinite {args.skip_nonfinite} non-finite losses (last at "
+                                    f"epoch {epoch} step {step}); lower --lr/--blr or check the data")
             continue
-        tally.add(step, out)
+        loss, grad_norm = out
+        loss_sum += loss
+        first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+        n_steps += 1
+        images_since_log += batch[0].shape[0]
         if log_now:
-            _log_line(st, tally, out, optimizer, device, f"{header} epoch {epoch}", step, total, epoch)
-        if out.updated and st.stop is not None and step + 1 < total:
-            _poll_stop(st, tally, epoch, step)
-    if st.stop is not None:
-        st.stop.drain()
-    _raise_if_bad(tally.first_bad, epoch)
-    return tally.stats(optimizer, data_loader.batch_size, st.world_size)
+            _raise_if_bad(first_bad, epoch)
+            if checks is not None:
+                checks()
+            now = time.time()
+            ips = images_since_log * world / max(now - t_log, 1e-9)
+            data_wait = data_s_log / max(now - t_log, 1e-9)
+            vals = {"loss": loss.item(), "lr": max(g["lr"] for g in optimizer.param_groups)}
+            if grad_norm is not None:
+                vals["grad_norm"] = float(grad_norm)
+            meter.update(**vals)
+            meter.set_average("loss", float(loss_sum) / n_steps)  # the steps log.txt averages
+            info(progress_line(f"train epoch {epoch}", step + 1, total, t0, n_steps, meter, ips, data_wait))
+            if tb is not None:
+                mem = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
+                tb.scalars(epoch * updates_per_epoch + (step + 1) // uf, prefix="train/", img_per_s=ips,
+                           data_wait=data_wait, peak_mem_mb=mem,
+                           min_lr=min(g["lr"] for g in optimizer.param_groups), **vals)
+            t_log, images_since_log, data_s_log = now, 0, 0.0
+        if update and stop is not None and step + 1 < total:
+            stop_now, save_rolling = stop.poll()
+            if (stop_now or save_rolling) and save_fn is not None:
+                _raise_if_bad(first_bad, epoch)  # never overwrite a good checkpoint with NaN weights
+                save_fn(epoch, step + 1)
+                stop.saved()
+            if stop_now:
+                raise Preempted(f"stopped at epoch {epoch} step {step + 1}")
+    if stop is not None:
+        stop.drain()
+    _raise_if_bad(first_bad, epoch)
+    elapsed = time.time() - t0
+    stats = meter.averages()
+    stats["loss"] = float(loss_sum) / max(n_steps, 1)
+    stats["lr"] = max(g["lr"] for g in optimizer.param_groups)
+    stats["img_per_s"] = n_steps * (data_loader.batch_size or 1) * world / max(elapsed, 1e-9)
+    stats["data_wait"] = data_s / max(elapsed, 1e-9)
+    return stats
 
 
-def _log_line(st, tally, out, optimizer, device, header, step, total, epoch):
-    """The console line (rank 0) and TensorBoard scalars of a logging step; the checks first."""
-    _raise_if_bad(tally.first_bad, epoch)
-    if st.checks is not None:
-        st.checks()
-    now = time.time()
-    ips = tally.images_since_log * st.world_size / max(now - tally.t_log, 1e-9)
-    data_wait = tally.data_s_log / max(now - tally.t_log, 1e-9)
-    vals = {"loss": out.loss.item(), "lr": max(g["lr"] for g in optimizer.param_groups)}
-    if out.grad_norm is not None:
-        vals["grad_norm"] = float(out.grad_norm)
-    vals.update({k: float(v) for k, v in (out.extras or {}).items()})
-    tally.meter.update(**vals)
-    tally.meter.set_average("loss", float(tally.loss_sum) / max(tally.n_steps, 1))  # the steps log.txt averages
-    info(progress_line(header, step + 1, total, tally.t0, tally.n_steps, tally.meter, ips, data_wait))
-    if st.tb is not None:
-        gstep = epoch * st.updates_per_epoch + (step + 1) // st.update_freq
-        mem = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
-        st.tb.scalars(gstep, prefix="train/", img_per_s=ips, data_wait=data_wait, peak_mem_mb=mem, min_lr=min(
-            g["lr"] for g in optimizer.param_groups), **vals)
-    tally.t_log, tally.images_since_log, tally.data_s_log = now, 0, 0.0
+class NonFiniteLoss(UserError):
+    pass
 
 
-def _poll_stop(st, tally, epoch, step):
-    """After an update: a rolling checkpoint when due, save and stop when a signal came."""
-    decision = st.stop.poll()
-    if (decision.stop or decision.save_rolling) and st.save_fn is not None:
-        _raise_if_bad(tally.first_bad, epoch)  # never overwrite a good checkpoint with NaN weights
-        st.save_fn(epoch, step + 1, "last")
-        st.stop.saved()
-    if decision.stop:
-        raise Preempted(f"stopped at epoch {epoch} step {step + 1}")
-
-
-def _distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+def compile_failed(e):
+    """The one line for a first step that failed under --compile: torch.compile compiles at the
+    first call (dynamo, inductor, a C++ compiler on CPU, triton on GPU), so that is where a
+    platform it cannot compile on shows. Eager runs of the same step give the real traceback."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return UserError(f"--compile: the first training step failed under torch.compile ({type(e).__name__}: "
+                     f"{first}); run with --compile False to train without compilation")
 
 
 def _all_finite(loss):
     """Is the loss finite on every rank? All ranks must skip a step together: a rank that
     skipped the backward while the others run it would leave them waiting in DDP's all-reduce."""
     ok = torch.isfinite(loss).to(torch.int32).reshape(1)
-    if _distributed():
+    if is_dist():
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
     return bool(ok.item())
 
@@ -258,7 +196,7 @@ def _all_finite(loss):
 def _raise_if_bad(first_bad, epoch):
     """Stop with the first step whose loss was not finite on any rank (all ranks agree)."""
     b = first_bad.reshape(1).clone()
-    if _distributed():
+    if is_dist():
         none = torch.full_like(b, 2 ** 62)
         b = torch.where(b < 0, none, b)
         torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MIN)
@@ -267,12 +205,3 @@ def _raise_if_bad(first_bad, epoch):
     if b >= 0:
         raise NonFiniteLoss(f"loss is not finite at epoch {epoch} step {b}; lower --lr/--blr, set --clip_grad "
                             "or --skip_nonfinite N, or check the data; the last good checkpoint is untouched")
-
-
-def _record_skip(st, epoch, step):
-    st.skipped_steps.append([epoch, step])
-    print(f"warning: non-finite loss at epoch {epoch} step {step}; step skipped "
-          f"({len(st.skipped_steps)}/{st.skip_nonfinite})", flush=True)  # every rank says it
-    if len(st.skipped_steps) > st.skip_nonfinite:
-        raise NonFiniteLoss(f"more than --skip_nonfinite {st.skip_nonfinite} non-finite losses "
-                            f"(last at epoch {epoch} step {step}); lower --lr/--blr or check the data")

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 from util import distributed as du
-from util import flags
 from util.checkpoint import (find_resumable, load_checkpoint, prune_epoch_checkpoints, rng_state,
                              save_checkpoint, set_rng_state)
 from util.console import info
@@ -55,8 +54,13 @@ class TrainingState:
         from util.checkpoint import check_state_dict_matches
         check_state_dict_matches(self.model, ckpt["model"], f"checkpoint {path}")
         self.model.load_state_dict(ckpt["model"])
-        if "optimizer" in ckpt:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if "optimizer" in ckpt and not self.args.eval:  # evaluating needs the weights only
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except ValueError as e:  # torch: "... doesn't match the size of optimizer's group"
+                raise UserError(f"checkpoint {path} holds an optimizer over other parameters than this run's "
+                                f"({e}); resume it with the flags it was trained with (e.g. --freeze_stages, "
+                                "--layer_decay, --opt)") from None
         if "scaler" in ckpt and ckpt["scaler"]:
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and "model_ema" in ckpt:
@@ -114,7 +118,7 @@ def save_release_weights(args, run_dir, tstate, epoch, is_best):
     """--save_safetensors: model.safetensors after the last epoch, model-best.safetensors at each
     new best; weights only, in the model's own names, of the model the best metric measures (the
     EMA with --model_ema_eval). Rank 0 only, atomic; independent of --save_ckpt."""
-    if not (run_dir and flags.value(args, "save_safetensors") and du.is_main_process()):
+    if not (run_dir and args.save_safetensors and du.is_main_process()):
         return
     from models.weights import save_weights
     ema = tstate.ema is not None and str(tstate.best.get("name") or "").endswith("_ema")

@@ -2,12 +2,13 @@
 here with one line (UserError), before the model is built, a run directory is marked or a GPU
 hour is spent.
 
-`check_args(args, kind)`: flag values in range (the checks of the flag table, util/flags.py), paths that exist and can be read, an output
-directory that can be written, a known model and, for `--resume` / `--finetune`, a file that
-loads as data. Its first part, `check_cheap`, imports no torch, timm or model (this module
+`check_args(args, kind)`: flag values in range (the checks of the flag table, util/flags.py),
+paths that exist and can be read, an output directory that can be written, a known model and,
+for `--resume` / `--finetune`, a file that loads as data. Its first part, `check_cheap`, imports no torch, timm or model (this module
 imports them only inside the functions that need them), so the entry points run it before they
 import those. `check_inputs(args, train_set, world_size, model_fn)`: needs the dataset (and
-the launch's world size): the batch fits the dataset, and a checkpoint to resume or fine-tune
+the launch's world size): one global batch and --update_freq batches fit the dataset (the one
+place these are checked), and a checkpoint to resume or fine-tune
 from fits the model, checked on a shape-only (meta device) copy of it.
 """
 import errno
@@ -16,24 +17,9 @@ import tempfile
 import warnings
 
 from util.errors import UserError
-from util import flags
 from util.data import check_paths
 from util.data.base import readable_file
 from util.flags import first_failure
-
-
-def _check_train_transform(args):
-    """Build the fine-tuning train transform once, as the dataset will: any other combination
-    timm refuses ends here, before anything is written, naming the flags that shape it."""
-    from util.data import build_transform
-    try:
-        with warnings.catch_warnings():  # the real build (data loading) warns once, not here
-            warnings.simplefilter("ignore")
-            build_transform(True, args)
-    except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise UserError(f"timm cannot build the training transform from these flags ({type(e).__name__}: "
-                        f"{e}); check --aa, --color_jitter, --scale, --train_interpolation, --reprob, "
-                        "--remode and --recount") from None
 
 
 def check_args(args, kind):
@@ -43,8 +29,16 @@ def check_args(args, kind):
     msg = first_failure(args, kind, needs_torch=True)  # e.g. --opt, --aa: names timm knows
     if msg:
         raise UserError(msg)
-    if kind == "finetune":
-        _check_train_transform(args)
+    if kind == "finetune":  # the train transform built once, as the dataset will: what timm refuses ends here
+        from util.data import build_transform
+        try:
+            with warnings.catch_warnings():  # the real build (data loading) warns once, not here
+                warnings.simplefilter("ignore")
+                build_transform(True, args)
+        except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise UserError(f"timm cannot build the training transform from these flags ({type(e).__name__}: "
+                            f"{e}); check --aa, --color_jitter, --scale, --train_interpolation, --reprob, "
+                            "--remode and --recount") from None
     check_model_name(args.model, kind)
 
 
@@ -56,11 +50,10 @@ def check_cheap(args, kind):
     if msg:
         raise UserError(msg)
     check_paths(args)  # --data_path / --eval_data_path: folders, or files for --data_set csv
-    for flag in ("resume", "finetune"):
-        path = getattr(args, flag, "")
-        if path and not (flag == "finetune" and os.path.isdir(path)):  # a Hugging Face folder
-            readable_file(path, f"--{flag}", "give the path of a .pth checkpoint")
-    if flags.value(args, "eval") and not (args.resume or flags.value(args, "finetune")):
+    for flag, path in (("--resume", args.resume), ("--finetune", args.finetune)):
+        if path and not (flag == "--finetune" and os.path.isdir(path)):  # a Hugging Face folder
+            readable_file(path, flag, "give the path of a .pth checkpoint")
+    if args.eval and not (args.resume or args.finetune):
         raise UserError("--eval True needs --resume or --finetune to know which weights to evaluate")
     check_writable(args.output_dir or os.path.join(args.runs_root or "runs", kind),
                    "--output_dir" if args.output_dir else "--runs_root")
@@ -112,7 +105,7 @@ def check_inputs(args, train_set, world_size, model_fn):
     if n // global_batch < args.update_freq:
         raise UserError(f"one epoch has {n // global_batch} batches, fewer than --update_freq "
                         f"{args.update_freq}; lower --update_freq or --batch_size")
-    if args.resume or flags.value(args, "finetune"):
+    if args.resume or args.finetune:
         check_checkpoints(args, model_fn)
 
 
@@ -134,7 +127,7 @@ def check_checkpoints(args, model_fn):
                             "entry); to start from other weights use --finetune")
         if model is not None:
             check_state_dict_matches(model, ckpt["model"], f"--resume {args.resume}")
-    if flags.value(args, "finetune"):
+    if args.finetune:
         from models.errors import ModelError
         from models.weights import explain, fit, read_folder_or_safetensors, select_state_dict
         try:  # a Hugging Face folder or a safetensors file; else a torch file

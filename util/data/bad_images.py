@@ -84,7 +84,7 @@ class BadImageLog:
             seen.add((split, image))
             if still_unreadable(split, image):
                 kept.append(line if line.startswith(f"{split}\t") else f"{split}\t{line}")
-        from util.atomic import atomic_write_text
+        from models.atomic import atomic_write_text
         root, ext = os.path.splitext(path)
         os.replace(path, f"{root}.previous{ext}")
         if kept:
@@ -92,8 +92,50 @@ class BadImageLog:
         return sorted(cls.parse(k)[:2] for k in kept)
 
 
-def summary(log):
+def attach_bad_image_log(run_dir, train_set, val_set=None):
+    """Unreadable images of a dataset that reads image files (train and val) are logged to
+    <run_dir>/bad_images.txt. First rank 0 re-checks the list an earlier launch left
+    (BadImageLog.recheck): images fixed since then no longer count, so relaunching after fixing
+    them resumes."""
+    if not hasattr(train_set, "bad_log"):
+        return
+    from util import distributed as du
+    path = os.path.join(run_dir, "bad_images.txt")
+
+    def still_unreadable(split, image):  # asked of the set the entry came from
+        ds = val_set if split == "val" and hasattr(val_set, "still_unreadable") else train_set
+        return ds.still_unreadable(image)
+    if du.is_main_process():
+        BadImageLog.recheck(path, still_unreadable)
+    du.barrier()  # no rank reads or appends to the list before the re-check is done
+    train_set.bad_log = BadImageLog(path, "train")
+    if hasattr(val_set, "bad_log"):
+        val_set.bad_log = BadImageLog(path, "val")
+
+
+def bad_image_counts(train_set, val_set, limit):
+    """{"bad_images": distinct unreadable images met (train and val), "bad_val_images": of which
+    validation (with a validation set)}, the highest counts of any rank, so all ranks stop
+    together; more than `limit` (--max_bad_images) stops the run with the list. Called at each
+    log line and at the end of each epoch (after evaluation)."""
+    log = getattr(train_set, "bad_log", None)
+    if log is None:
+        return {"bad_images": 0}
+    from util import distributed as du
+    found = log.found()  # (split, path) pairs: each epoch meets a bad file again
+    n_val = sum(split == "val" for split, _ in found)
+    count, n_val = (max(c) for c in zip(*du.all_gather_object((len(found), n_val))))
+    if count > limit:
+        paths = [p + (" (validation)" if split == "val" else "") for split, p in found]
+        more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+        raise UserError(f"{count} unreadable images (more than --max_bad_images {limit}): "
+                        f"{', '.join(paths[:5])}{more}; full list in {log.path}; fix or remove them")
+    return {"bad_images": count, **({"bad_val_images": n_val} if hasattr(val_set, "bad_log") else {})}
+
+
+def bad_image_summary(train_set):
     """The end of a run's last line about its unreadable images ("" when there were none)."""
+    log = getattr(train_set, "bad_log", None)
     found = log.found() if log is not None and log.path else []
     if not found:
         return ""

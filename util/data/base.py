@@ -1,41 +1,31 @@
-"""What every kind of dataset provides (`DataKind`) and the checks the kinds share.
+"""What the dataset kinds share: the checks of --data_path and --eval_data_path.
 
-A kind is one entry of the registry in util/data/__init__.py. It owns how its training and
-validation sets are built, its class count, and `check` (what a launcher verifies before
-queueing a job, without listing a whole dataset on the submitting machine). The scripts' flag
-checks, that the paths given exist and can be read, are the registry entry's `paths`: one of
-`folder_paths` / `file_paths` here, which import no torch (a kind's own file may).
+A kind (a file of util/data named in the registry, util/data/__init__.py) provides
+`build(is_train, args, transform)` -> (dataset, number of classes), `num_classes(args)` (found
+without reading an image) and `check(args)`: what a launcher verifies before queueing a job,
+without listing a whole dataset on the submitting machine. The scripts' flag checks, that the
+paths given exist and can be read, are the registry entry's `folder_paths` / `file_paths` here,
+which import no torch (a kind's own file may).
 """
 import os
 
 from util.errors import UserError
 
+FOLDER = "a folder with train/ and val/"  # what --data_path names, unless a kind says otherwise
 
-class DataKind:
-    """A dataset kind read from `--data_path` (a folder, unless a kind says otherwise)."""
 
-    name = ""
-    data_path_help = "a folder with train/ and val/"
+def require_data_path(args, what=FOLDER):
+    if not args.data_path:
+        raise UserError(f"--data_set {args.data_set} needs --data_path ({what}); "
+                        "or use --data_set synthetic")
 
-    def build(self, is_train, args, transform):
-        """(dataset, number of classes) of the training or the validation split."""
-        raise NotImplementedError
 
-    def num_classes(self, args):
-        """The class count, found without reading an image."""
-        raise NotImplementedError
-
-    def check(self, args):
-        """The cheap part of `build`'s checks, made by a launcher before queueing."""
-        self.require_data_path(args)
-        if not os.path.isdir(args.data_path):
-            raise UserError(f"--data_path {args.data_path} does not exist (or is not a folder); "
-                            "give the dataset root, reachable from the compute nodes")
-
-    def require_data_path(self, args):
-        if not args.data_path:
-            raise UserError(f"--data_set {args.data_set} needs --data_path ({self.data_path_help}); "
-                            "or use --data_set synthetic")
+def check_folder(args, what=FOLDER):
+    """A kind's `check` when --data_path is a folder (`what`: the folder, for the fix)."""
+    require_data_path(args, what)
+    if not os.path.isdir(args.data_path):
+        raise UserError(f"--data_path {args.data_path} does not exist (or is not a folder); "
+                        "give the dataset root, reachable from the compute nodes")
 
 
 CSV_FILES = {"--data_path": "the training CSV", "--eval_data_path": "the validation CSV"}  # csv's path flags

@@ -13,16 +13,16 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import default_loader
 
 from util.data.bad_images import ReplacesUnreadable
-from util.data.base import CSV_FILES, DataKind, needs_val, readable_file
+from util.data.base import CSV_FILES, needs_val, readable_file, require_data_path
 from util.errors import UserError
 
 COLUMNS = ("path", "label")
-_WHAT = CSV_FILES
+WHAT = "the training CSV file, whose header row names path,label"  # what --data_path names
 
 
 def read_list(path, flag):
     """[(image path, label, line number)] of one CSV file; `flag` names it in errors."""
-    readable_file(path, flag, f"give the path of {_WHAT[flag]} (a file whose header row names path,label)")
+    readable_file(path, flag, f"give the path of {CSV_FILES[flag]} (a file whose header row names path,label)")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -49,16 +49,6 @@ def _row(row, path, line, folder):
     return os.path.normpath(os.path.join(folder, image)), label, line
 
 
-def check_known(rows, classes, val_path, train_path):
-    """Every label of the validation list is a class of the training list."""
-    known = set(classes)
-    for _, label, line in rows:
-        if label not in known:
-            shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
-            raise UserError(f"--eval_data_path {val_path} line {line}: class {label!r} is not in the training "
-                            f"CSV {train_path} (its classes: {shown}); use one of its labels or drop the row")
-
-
 class CsvImages(ReplacesUnreadable, Dataset):
     """The images of one file list; `classes` and `class_to_idx` as an ImageFolder's."""
 
@@ -73,40 +63,45 @@ class CsvImages(ReplacesUnreadable, Dataset):
         return len(self.samples)
 
 
-class CsvKind(DataKind):
-    name = "csv"
-    data_path_help = "the training CSV file, whose header row names path,label"
+def _train(args):
+    """(training rows, class names sorted)."""
+    require_data_path(args, WHAT)
+    rows = read_list(args.data_path, "--data_path")
+    return rows, sorted({label for _, label, _ in rows})
 
-    def check(self, args):
-        """Reads the file lists (no image): columns, and validation classes known to training."""
-        classes = self._classes(args)[1]
-        if needs_val(args):
-            check_known(read_list(self._val_path(args), "--eval_data_path"), classes,
-                        args.eval_data_path, args.data_path)
 
-    def num_classes(self, args):
-        return len(self._classes(args)[1])
+def _val_rows(args, classes):
+    """The validation list, every label of which is a class of the training list."""
+    if not getattr(args, "eval_data_path", None):
+        raise UserError("--data_set csv needs --eval_data_path (the validation CSV file, whose header row "
+                        "names path,label); give it, or --disable_eval True to train without evaluation")
+    rows = read_list(args.eval_data_path, "--eval_data_path")
+    known = set(classes)
+    for _, label, line in rows:
+        if label not in known:
+            shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+            raise UserError(f"--eval_data_path {args.eval_data_path} line {line}: class {label!r} is not in the "
+                            f"training CSV {args.data_path} (its classes: {shown}); use one of its labels or "
+                            "drop the row")
+    return rows
 
-    def build(self, is_train, args, transform):
-        rows, classes = self._classes(args)
-        if not is_train:
-            rows = read_list(self._val_path(args), "--eval_data_path")
-            check_known(rows, classes, args.eval_data_path, args.data_path)
-        loader = default_loader
-        if args.jpeg_draft:  # files opened, not decoded; the transform decodes (util/data/decode.py)
-            from util.data.decode import LazyLoader
-            loader = LazyLoader()
-        return CsvImages(rows, classes, transform, loader), len(classes)
 
-    def _classes(self, args):
-        """(training rows, class names sorted)."""
-        self.require_data_path(args)
-        rows = read_list(args.data_path, "--data_path")
-        return rows, sorted({label for _, label, _ in rows})
+def check(args):
+    """Reads the file lists (no image): columns, and validation classes known to training."""
+    classes = _train(args)[1]
+    if needs_val(args):
+        _val_rows(args, classes)
 
-    @staticmethod
-    def _val_path(args):
-        if not getattr(args, "eval_data_path", None):
-            raise UserError("--data_set csv needs --eval_data_path (the validation CSV file, whose header row "
-                            "names path,label); give it, or --disable_eval True to train without evaluation")
-        return args.eval_data_path
+
+def num_classes(args):
+    return len(_train(args)[1])
+
+
+def build(is_train, args, transform):
+    rows, classes = _train(args)
+    if not is_train:
+        rows = _val_rows(args, classes)
+    loader = default_loader
+    if args.jpeg_draft:  # files opened, not decoded; the transform decodes (util/data/decode.py)
+        from util.data.decode import open_lazily as loader
+    return CsvImages(rows, classes, transform, loader), len(classes)

@@ -2,7 +2,7 @@
 size (libjpeg's DCT scaling, Pillow's `Image.draft`), and the crop box is mapped onto the
 smaller image.
 
-The image file is opened lazily (`LazyLoader`: the header only, so the size is known), the
+The image file is opened lazily (`open_lazily`: the header only, so the size is known), the
 transform's first op draws its crop exactly as without the flag (the same get_params, the same
 RNG, the same order), asks for the largest reduction that keeps the crop at least as large as
 its output in both directions, decodes, and resizes the mapped box in one Pillow call. When the
@@ -13,6 +13,7 @@ the datasets count and replace like an image that fails to open (util/data/bad_i
 The crop-and-resize itself runs in torch's uint8 antialiased kernel (`simd_resized_crop`, about
 3x Pillow's with the conversions; the same filters, pixels equal up to rounding) for bilinear and bicubic;
 Pillow's for the other interpolations and for a drafted image's fractional box."""
+import functools
 import random
 
 import numpy as np
@@ -29,19 +30,6 @@ class UnreadableImage(OSError):
     """An image that opened (its header is fine) but failed to decode, in a transform."""
 
 
-class LazyLoader:
-    """An image folder's loader: opens the file without decoding it (the transform decodes)."""
-    lazy = True
-
-    def __call__(self, path):
-        return Image.open(path)
-
-    @staticmethod
-    def finish(img):
-        """The image decoded in RGB, for a transform that does not decode itself."""
-        return decode_rgb(img)
-
-
 def decode_rgb(img):
     """`img` decoded now, in RGB (no copy when it is RGB already); a decoding error is UnreadableImage."""
     try:
@@ -49,6 +37,16 @@ def decode_rgb(img):
     except Exception as e:  # truncated or corrupt data: the user's file, counted and replaced
         raise UnreadableImage(f"{type(e).__name__}: {e}") from e
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def open_lazily(path):
+    """The loader of an image folder or a CSV list under --jpeg_draft: the file opened, not
+    decoded (the transform decodes)."""
+    return Image.open(path)
+
+
+# for a transform that does not decode (util/data/bad_images._load): the image decoded in RGB
+open_lazily.lazy, open_lazily.finish = True, decode_rgb
 
 
 def reduction(img, shrink):
@@ -122,49 +120,16 @@ def resized_box(img, ratio, box, size, interpolation):
     return img.resize(size, _pil_interp(interpolation), box=tuple(v * ratio for v in box))
 
 
-class _Drafting:
-    """What the drafting twins share: built from the op they replace, and per class (per
-    process) counts of how often the draft fired, for the benchmark's hit rate."""
-
-    hits = calls = 0
-
-    @classmethod
-    def like(cls, op):
-        new = cls.__new__(cls)
-        new.__dict__.update(op.__dict__)
-        return new
-
-    def _drafted(self, img, shrink):
-        img, ratio = drafted(img, shrink)
-        type(self).calls += 1
-        type(self).hits += ratio != 1.0
-        return img, ratio
-
-
-class DraftRandomResizedCrop(_Drafting, RandomResizedCropAndInterpolation):
-    """timm's RandomResizedCropAndInterpolation (fine-tuning), drafting the decode."""
-
-    def __call__(self, img):
-        i, j, h, w = self.get_params(img, self.scale, self.ratio)
-        if isinstance(self.interpolation, (tuple, list)):
-            interpolation = random.choice(self.interpolation)
-        else:
-            interpolation = self.interpolation
-        return _crop(self, img, (j, i, j + w, i + h), interpolation)
-
-
-class DraftTorchvisionRandomResizedCrop(_Drafting, transforms.RandomResizedCrop):
-    """torchvision's RandomResizedCrop (FCMAE pretraining: its torch RNG draws), drafting the decode."""
-
-    def forward(self, img):
-        i, j, h, w = self.get_params(img, self.scale, self.ratio)
-        return _crop(self, img, (j, i, j + w, i + h), self.interpolation)
-
-
-def _crop(op, img, box, interpolation):
+def _drafted_crop(op, img):
+    """timm's RandomResizedCropAndInterpolation (fine-tuning: Python's RNG) or torchvision's
+    RandomResizedCrop (FCMAE pretraining: torch's RNG), `op`, drafting the decode: the same draws."""
+    i, j, h, w = op.get_params(img, op.scale, op.ratio)
+    interpolation = op.interpolation
+    if isinstance(interpolation, (tuple, list)):  # timm's "random": one of them per image
+        interpolation = random.choice(interpolation)
+    box = (j, i, j + w, i + h)
     out_h, out_w = op.size if isinstance(op.size, (tuple, list)) else (op.size, op.size)
-    shrink = min((box[2] - box[0]) / out_w, (box[3] - box[1]) / out_h)
-    img, ratio = op._drafted(img, shrink)
+    img, ratio = drafted(img, min(w / out_w, h / out_h))
     return resized_box(img, ratio, box, (out_w, out_h), interpolation)
 
 
@@ -180,21 +145,24 @@ def resize_size(w, h, size, max_size=None):
     return (new_short, new_long) if w <= h else (new_long, new_short)
 
 
-class DraftResize(_Drafting, transforms.Resize):
-    """torchvision's Resize (evaluation: before the centre crop), drafting the decode."""
-
-    def forward(self, img):
-        w, h = img.size
-        out_w, out_h = resize_size(w, h, self.size, self.max_size)
-        img, ratio = self._drafted(img, min(w / out_w, h / out_h))
-        if ratio == 1.0:
-            return simd_resized_crop(img, (0, 0, w, h), (out_w, out_h), self.interpolation)
-        return img.resize((out_w, out_h), _pil_interp(self.interpolation), box=(0, 0, w * ratio, h * ratio))
+def _drafted_resize(op, img):
+    """torchvision's Resize `op` (evaluation: before the centre crop), drafting the decode."""
+    w, h = img.size
+    out_w, out_h = resize_size(w, h, op.size, op.max_size)
+    img, ratio = drafted(img, min(w / out_w, h / out_h))
+    if ratio == 1.0:
+        return simd_resized_crop(img, (0, 0, w, h), (out_w, out_h), op.interpolation)
+    return img.resize((out_w, out_h), _pil_interp(op.interpolation), box=(0, 0, w * ratio, h * ratio))
 
 
-DRAFTS = ((RandomResizedCropAndInterpolation, DraftRandomResizedCrop),
-          (transforms.RandomResizedCrop, DraftTorchvisionRandomResizedCrop),
-          (transforms.Resize, DraftResize))
+DRAFTS = {RandomResizedCropAndInterpolation: _drafted_crop, transforms.RandomResizedCrop: _drafted_crop,
+          transforms.Resize: _drafted_resize}
+
+
+def drafting(op):
+    """`op` (a random resized crop or a resize, as DRAFTS lists) that decodes a lazily opened
+    image itself, at the largest reduction its output allows; it pickles (DataLoader workers)."""
+    return functools.partial(DRAFTS[type(op)], op)
 
 
 def draft_first(transform):
@@ -202,22 +170,7 @@ def draft_first(transform):
     its drafting twin; the Compose is marked `decodes` (its first op decodes a lazily opened
     image). Returned unchanged when the first op is none of those."""
     ops = getattr(transform, "transforms", None)
-    if not ops:
-        return transform
-    for plain, twin in DRAFTS:
-        if type(ops[0]) is plain:
-            ops[0] = twin.like(ops[0])
-            transform.decodes = True
-            break
+    if ops and type(ops[0]) in DRAFTS:
+        ops[0] = drafting(ops[0])
+        transform.decodes = True
     return transform
-
-
-def draft_counts():
-    """{op name: (fired, calls)} in this process, for the benchmark's hit rate."""
-    return {twin.__name__: (twin.hits, twin.calls) for _, twin in DRAFTS}
-
-
-def reset_counts():
-    for _, twin in DRAFTS:
-        twin.hits = twin.calls = 0
-

@@ -136,3 +136,12 @@ class DeviceBatches:
                 raise ValueError("random erasing on the device needs the loader's sample seeds")
             self.erasing(x, seeds[0])
         return [x, targets.to(self.device, non_blocking=True)]
+
+
+def device_loader(loader, args, device, erasing=None):
+    """`loader` itself, or (--device_transforms) its uint8 batches finished on `device`, erased
+    there by `erasing` (a RandomErasingBySample, training batches only)."""
+    if not on_device(args, device):
+        return loader
+    from util.data import mean_std
+    return DeviceBatches(loader, device, *mean_std(args), args.channels_last, erasing)

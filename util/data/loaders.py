@@ -10,8 +10,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from util.errors import UserError
-
 
 class SeededTransform(Dataset):
     """Wraps a dataset so that the sampler's (index, seed) keys seed each sample's augmentation.
@@ -86,32 +84,21 @@ class TrainSampler(Sampler):
         return self.num_samples - self.start
 
 
-class EvalSampler(Sampler):
+def eval_indices(n, num_replicas=1, rank=0):
     """Rank r takes samples r, r+W, ...: no padding, so summed counts are exact."""
-
-    def __init__(self, n, num_replicas=1, rank=0):
-        self.indices = list(range(rank, n, num_replicas))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
+    return range(rank, n, num_replicas)
 
 
 def build_train_loader(dataset, args, world_size, rank, with_seeds=False):
     sampler = TrainSampler(len(dataset), world_size, rank, seed=args.seed)
-    if len(dataset) < args.batch_size * world_size:
-        raise UserError(f"the training set has {len(dataset)} images, fewer than one global batch "
-                        f"({args.batch_size} x {world_size}); lower --batch_size")
     return _loader(SeededTransform(dataset, with_seeds), sampler, args, drop_last=True)
 
 
 def build_eval_loader(dataset, args, world_size, rank):
     if args.dist_eval:
-        sampler = EvalSampler(len(dataset), world_size, rank)
+        sampler = eval_indices(len(dataset), world_size, rank)
     else:  # every rank evaluates everything; only counts from rank 0 matter
-        sampler = EvalSampler(len(dataset), 1, 0)
+        sampler = eval_indices(len(dataset))
     return _loader(dataset, sampler, args, drop_last=False, batch_size=int(1.5 * args.batch_size))
 
 

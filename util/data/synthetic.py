@@ -8,8 +8,6 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from util.data.base import DataKind
-
 PATTERNS = ("disc", "square", "triangle", "ring", "cross",
             "hstripes", "vstripes", "checker", "dstripes", "dots")
 _SPLIT_ID = {"train": 1, "val": 2}
@@ -81,20 +79,17 @@ class SyntheticShapes(Dataset):
         return img, self.label(index)
 
 
-class SyntheticKind(DataKind):
+def build(is_train, args, transform):
     """--data_set synthetic: no path; --synthetic_* flags choose the images."""
+    n = args.synthetic_train_samples if is_train else args.synthetic_val_samples
+    ds = SyntheticShapes("train" if is_train else "val", n, args.input_size, num_classes=args.synthetic_classes,
+                         seed=args.synthetic_seed, transform=transform)
+    return ds, ds.num_classes
 
-    name = "synthetic"
 
-    def build(self, is_train, args, transform):
-        n = args.synthetic_train_samples if is_train else args.synthetic_val_samples
-        ds = SyntheticShapes("train" if is_train else "val", n, args.input_size,
-                             num_classes=args.synthetic_classes, seed=args.synthetic_seed,
-                             transform=transform)
-        return ds, ds.num_classes
+def num_classes(args):
+    return args.synthetic_classes
 
-    def num_classes(self, args):
-        return args.synthetic_classes
 
-    def check(self, args):
-        pass
+def check(args):
+    pass

@@ -11,10 +11,11 @@ beside it (`<shard>.idx.json`, used while the shard's size and modification time
 recorded), so a job starts without reading every header (about 60 us per sample on one core).
 Random access makes a shard folder an ordinary map-style dataset: the suite's TrainSampler
 shuffles it per epoch by seed, splits it over ranks (and the DataLoader over workers), each
-sample once per epoch, and resumes exactly mid-epoch, as with an image folder; evaluation counts every validation sample once (EvalSampler). A
-streaming reader (webdataset) shuffles only within a buffer and cannot resume mid-epoch
-exactly; wids would add a dependency and its own index files for what tarfile gives here.
-An image that does not decode is counted and replaced like a bad image (util/data/bad_images.py).
+sample once per epoch, and resumes exactly mid-epoch, as with an image folder; evaluation
+counts every validation sample once (util/data/loaders.eval_indices). A streaming reader
+(webdataset) shuffles only within a buffer and cannot resume mid-epoch exactly; wids would add
+a dependency and its own index files for what tarfile gives here. An image that does not decode
+is counted and replaced like a bad image (util/data/bad_images.py).
 """
 import glob
 import io
@@ -27,12 +28,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from util.data.bad_images import ReplacesUnreadable
-from util.data.base import DataKind, needs_val, readable_dir
+from util.data.base import check_folder, needs_val, readable_dir, require_data_path
 from util.errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
 SPLITS = {"train": "train-*.tar", "val": "val-*.tar"}
 MAKE = "python -m util.make_shards SRC OUT"
+WHAT = f"a folder of train-*.tar / val-*.tar shards and classes.json ({MAKE})"  # what --data_path names
 MAX_OPEN = 256  # open shards kept per process (least recently used closed first)
 
 
@@ -55,21 +57,6 @@ def read_classes(folder):
     return classes
 
 
-def _split_name(member):
-    """(key, extension) of a member: the key is the path up to the first dot of its file name."""
-    folder, name = os.path.split(member)
-    stem, _, ext = name.partition(".")
-    return os.path.join(folder, stem), ext.lower()
-
-
-def _label(tar, member, where):
-    try:
-        return int(tar.extractfile(member).read().decode("ascii").strip())
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{where}.cls is not a class index; each <key>.cls holds the label as text, "
-                        "e.g. 3") from None
-
-
 def _stamp(path):
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns]
@@ -78,7 +65,7 @@ def _stamp(path):
 def write_index(path, rows):
     """`<shard>.idx.json` beside a shard: its samples' offsets, valid while the shard's size and
     modification time are those recorded (util.make_shards writes it; a reader without it scans)."""
-    from util.atomic import atomic_write_text
+    from models.atomic import atomic_write_text
     index = {"shard": _stamp(path), "samples": [list(r) for r in rows]}
     atomic_write_text(path + ".idx.json", json.dumps(index, separators=(",", ":")) + "\n")
 
@@ -105,11 +92,17 @@ def scan_shard(path, n_classes, first_only=False):
             for m in tar:
                 if not m.isfile():
                     continue
-                key, ext = _split_name(m.name)
+                folder, name = os.path.split(m.name)
+                stem, _, ext = name.partition(".")  # the key: the path up to its file name's first dot
+                key, ext = os.path.join(folder, stem), ext.lower()
                 if ext in IMAGE_EXTS:
                     images[key] = (m.offset_data, m.size)
                 elif ext == "cls":
-                    labels[key] = _label(tar, m, f"{path}: {key}")
+                    try:
+                        labels[key] = int(tar.extractfile(m).read().decode("ascii").strip())
+                    except (ValueError, UnicodeDecodeError):
+                        raise UserError(f"{path}: {key}.cls is not a class index; each <key>.cls holds the "
+                                        "label as text, e.g. 3") from None
                 if first_only and images.keys() & labels.keys():
                     break
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -158,9 +151,6 @@ class ShardSamples(ReplacesUnreadable, Dataset):
     def __getstate__(self):  # workers started by spawn open their own files
         return {**self.__dict__, "_files": {}, "_pid": None}
 
-    def name(self, i):
-        return f"{self.paths[self.where[i, 0]]}:{self.keys[i]}"
-
     def still_unreadable(self, name):
         """`shard.tar:key` of an earlier launch's bad-image list: still in these shards and unreadable?"""
         from util.data.bad_images import _readable
@@ -205,7 +195,8 @@ class SampleRef:
         self.index, self.dataset = index, dataset
 
     def __str__(self):
-        return self.dataset.name(self.index)
+        ds = self.dataset
+        return f"{ds.paths[ds.where[self.index, 0]]}:{ds.keys[self.index]}"
 
 
 class _Samples:
@@ -221,45 +212,43 @@ class _Samples:
         return SampleRef(i, self.ds), self.ds.targets[i]
 
 
-class ShardKind(DataKind):
-    name = "wds"
-    data_path_help = f"a folder of train-*.tar / val-*.tar shards and classes.json ({MAKE})"
+def _paths(args, is_train):
+    folder = args.data_path if is_train else (getattr(args, "eval_data_path", None) or args.data_path)
+    readable_dir(folder, "--data_path" if folder == args.data_path else "--eval_data_path")
+    split = "train" if is_train else "val"
+    paths = shard_paths(folder, split)
+    if not paths:
+        fix = f"write them with {MAKE}" if is_train else "give --eval_data_path or --disable_eval True"
+        raise UserError(f"{folder} holds no {split} shards ({SPLITS[split]}); {fix}")
+    return paths
 
-    def build(self, is_train, args, transform):
-        self.require_data_path(args)
-        classes = read_classes(args.data_path)
-        ds = ShardSamples(self._paths(args, is_train), classes, transform)
-        if is_train:
-            missing = sorted(set(range(len(classes))) - set(ds.targets))
-            if missing:
-                shown = ", ".join(repr(classes[i]) for i in missing[:3]) + (", ..." if len(missing) > 3 else "")
-                raise UserError(f"classes.json lists {len(classes)} classes but the training shards hold no sample "
-                                f"of {len(missing)} of them ({shown}); the shards and classes.json do not belong "
-                                f"together: write them again with {MAKE}")
-        return ds, len(classes)
 
-    def num_classes(self, args):
-        self.require_data_path(args)
-        return len(read_classes(args.data_path))
+def build(is_train, args, transform):
+    require_data_path(args, WHAT)
+    classes = read_classes(args.data_path)
+    ds = ShardSamples(_paths(args, is_train), classes, transform)
+    if is_train:
+        missing = sorted(set(range(len(classes))) - set(ds.targets))
+        if missing:
+            shown = ", ".join(repr(classes[i]) for i in missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise UserError(f"classes.json lists {len(classes)} classes but the training shards hold no sample "
+                            f"of {len(missing)} of them ({shown}); the shards and classes.json do not belong "
+                            f"together: write them again with {MAKE}")
+    return ds, len(classes)
 
-    def check(self, args):
-        """classes.json, the shards of each split the run reads, and the first sample of each
-        shard (its header, image and label; the full index is read at the job's start)."""
-        super().check(args)
-        n = len(read_classes(args.data_path))
-        for is_train in (True, False) if needs_val(args) else (True,):
-            for path in self._paths(args, is_train):
-                if not scan_shard(path, n, first_only=True):
-                    raise UserError(f"shard {path}: its first image has no label (<key>.cls); write the shards "
-                                    f"again with {MAKE}")
 
-    @staticmethod
-    def _paths(args, is_train):
-        folder = args.data_path if is_train else (getattr(args, "eval_data_path", None) or args.data_path)
-        readable_dir(folder, "--data_path" if folder == args.data_path else "--eval_data_path")
-        split = "train" if is_train else "val"
-        paths = shard_paths(folder, split)
-        if not paths:
-            fix = f"write them with {MAKE}" if is_train else "give --eval_data_path or --disable_eval True"
-            raise UserError(f"{folder} holds no {split} shards ({SPLITS[split]}); {fix}")
-        return paths
+def num_classes(args):
+    require_data_path(args, WHAT)
+    return len(read_classes(args.data_path))
+
+
+def check(args):
+    """classes.json, the shards of each split the run reads, and the first sample of each
+    shard (its header, image and label; the full index is read at the job's start)."""
+    check_folder(args, WHAT)
+    n = len(read_classes(args.data_path))
+    for is_train in (True, False) if needs_val(args) else (True,):
+        for path in _paths(args, is_train):
+            if not scan_shard(path, n, first_only=True):
+                raise UserError(f"shard {path}: its first image has no label (<key>.cls); write the shards "
+                                f"again with {MAKE}")

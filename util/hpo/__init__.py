@@ -9,7 +9,7 @@ a completed run reuses its result.
 Who does what: the *driver* (`run_study`) picks the next trial under the study lock and hands
 it to a launcher; the process that trains the trial (rank 0) reports the metric after each
 epoch, asks the pruner, broadcasts the decision so every rank stops together, and tells Optuna
-the result (`TrialTask`). One module per job:
+the result (`Trial`). One module per job:
 
 - spec.py      the search file, and the launch flags a study refuses
 - samplers.py  the Optuna sampler and pruner it names
@@ -21,14 +21,7 @@ the result (`TrialTask`). One module per job:
 - slurm.py     one Slurm job per trial (`optimize_slurm`; imported by submitit_*.py only, so a
                local search does not load the launcher)
 """
-from util.errors import UserError  # noqa: F401 (API)
-from util.hpo.driver import run_study  # noqa: F401 (API)
-from util.hpo.local import local_launcher, optimize  # noqa: F401 (API)
-from util.hpo.samplers import make_pruner, make_sampler  # noqa: F401 (API)
-from util.hpo.spec import (MODULES, NOT_SEARCHABLE, ONE_RUN_FLAGS, Param, SearchSpec, check_bounds,  # noqa: F401 (API)
-                           load_spec, prepare)
-from util.hpo.study import (FileLock, TrialJob, lease_free, next_trial, open_storage, open_study,  # noqa: F401 (API)
-                            study_dir, trial_lock, wait_for_twins)
-from util.hpo.summary import STATES, summarize, write_hparams  # noqa: F401 (API)
-from util.hpo.trial import (MetricMissing, Outcome, Pruned, Reporter, TrialTask, best_value,  # noqa: F401 (API)
-                            read_log, trial_args)
+from util.hpo.local import optimize  # noqa: F401 (API)
+from util.hpo.samplers import make_sampler  # noqa: F401 (API)
+from util.hpo.spec import Param, SearchSpec, prepare  # noqa: F401 (API)
+from util.hpo.study import open_storage, open_study, study_dir  # noqa: F401 (API)

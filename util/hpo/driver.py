@@ -1,31 +1,31 @@
 """The driver of a study: take the next trial under the study lock (orphans first) and hand it
 to a launcher, until the study has `trials` finished or running ones."""
+import contextlib
 import threading
 
 from util import distributed as du
-from util.hpo.study import next_trial, open_storage, open_study, study_dir, study_lock
+from util.hpo.study import hold, next_trial, open_storage, open_study, study_dir
 
 
-def run_study(args, kind, spec, make_launcher, parallel=1, sdir=None):
+def run_study(args, kind, spec, launch, parallel=1, sdir=None):
     """The driver (every rank under torchrun calls it; rank 0 decides): open the study, then
-    take trials (orphans first) and hand each to `launch(job) -> Outcome` until the study has
-    `trials` finished or running ones. `make_launcher(study, storage, stop)` (study and storage
-    are None off rank 0) gives `launch`: the local launcher trains the trial on every rank of
-    this group; the Slurm launcher submits it as a job that reports and tells itself, and waits
-    for it, `parallel` of them at once (one thread each). `stop` (a threading.Event) is set when
-    one thread fails (e.g. sbatch refused its job): the others take no new trial and stop
-    waiting for their jobs (which still tell the study), and the error ends the search.
+    take trials (orphans first) and hand each to `launch(job, study, storage, stop) -> Outcome`
+    (study and storage are None off rank 0) until the study has `trials` finished or running
+    ones. The local launcher trains the trial on every rank of this group; the Slurm launcher
+    submits it as a job that reports and tells itself, and waits for it, `parallel` of them at
+    once (one thread each). `stop` (a threading.Event) is set when one thread fails (e.g.
+    sbatch refused its job): the others take no new trial and stop waiting for their jobs
+    (which still tell the study), and the error ends the search.
     Returns (study, "done" | "preempted")."""
     sdir = sdir or study_dir(args, spec)
     study = storage = None
     if du.is_main_process():
-        with study_lock(sdir):
+        with hold(sdir, "study"):
             storage = open_storage(args.storage, sdir)
             study = open_study(args, spec, sdir, kind, storage)
     stop = threading.Event()
-    launch = make_launcher(study, storage, stop)
     if parallel <= 1:
-        return study, _drive(study, storage, spec, sdir, launch)
+        return study, _drive(study, storage, spec, sdir, launch, stop)
     results, errors = [], []
 
     def worker():
@@ -45,20 +45,16 @@ def run_study(args, kind, spec, make_launcher, parallel=1, sdir=None):
     return study, "preempted" if "preempted" in results else "done"
 
 
-def _drive(study, storage, spec, sdir, launch, stop=None):
+def _drive(study, storage, spec, sdir, launch, stop):
     """Take trials and launch them until there is none left to take (or `stop` is set: only
-    with several driver threads, so no rank waits for a broadcast)."""
-    while True:
-        if stop is not None and stop.is_set():
-            return "stopped"
+    by another driver thread, so no rank waits for a broadcast)."""
+    while not stop.is_set():
         job, lease = next_trial(study, storage, spec, sdir) if du.is_main_process() else (None, None)
         job = du.broadcast_object(job)
         if job is None:
             return "done"
-        try:
-            outcome = launch(job)
-        finally:
-            if lease is not None:
-                lease.release()
+        with lease or contextlib.nullcontext():
+            outcome = launch(job, study, storage, stop)
         if outcome is not None and outcome.state == "preempted":
             return "preempted"
+    return "stopped"

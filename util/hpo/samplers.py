@@ -68,28 +68,23 @@ def make_sampler(spec, trial_number=0):
     reseeded = cls in tuple(getattr(optuna.samplers, n) for n in RESEEDED_PER_TRIAL)
     if spec.seed is not None and "seed" in accepts and "seed" not in kwargs:
         kwargs["seed"] = spec.seed + (trial_number if reseeded else 0)
-    if cls is optuna.samplers.GridSampler and "search_space" not in kwargs:
-        kwargs["search_space"] = _grid(spec)
+    if cls is optuna.samplers.GridSampler and "search_space" not in kwargs:  # the grid of the search space
+        grid = kwargs["search_space"] = {}
+        for flag, p in spec.params.items():
+            if p.type == "categorical":
+                grid[flag] = list(p.choices)
+            elif p.type == "int" and not p.log:
+                grid[flag] = list(range(int(p.low), int(p.high) + 1, int(p.step or 1)))
+            elif p.type == "float" and p.step and not p.log:
+                n = int(round((p.high - p.low) / p.step))
+                grid[flag] = [p.low + i * p.step for i in range(n + 1)]
+            else:
+                raise UserError(f"{spec.path}: GridSampler needs a finite grid: give search_space.{flag} "
+                                "choices or a step (or sampler kwargs search_space)")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"{spec.path}: sampler {name}: {e}") from None
-
-
-def _grid(spec):
-    grid = {}
-    for flag, p in spec.params.items():
-        if p.type == "categorical":
-            grid[flag] = list(p.choices)
-        elif p.type == "int" and not p.log:
-            grid[flag] = list(range(int(p.low), int(p.high) + 1, int(p.step or 1)))
-        elif p.type == "float" and p.step and not p.log:
-            n = int(round((p.high - p.low) / p.step))
-            grid[flag] = [p.low + i * p.step for i in range(n + 1)]
-        else:
-            raise UserError(f"{spec.path}: GridSampler needs a finite grid: give search_space.{flag} "
-                            "choices or a step (or sampler kwargs search_space)")
-    return grid
 
 
 def make_pruner(spec):

@@ -3,9 +3,6 @@ checked whole before any trial starts (unknown keys, flags the script does not h
 that do not match the flag, empty or reversed ranges, unknown Optuna classes, values the script
 itself refuses); every mistake is a one-line UserError. `prepare` also refuses the launch flags
 that name one run (ONE_RUN_FLAGS).
-
-The flags a search refuses come from the flag table (util/flags.py): NOT_SEARCHABLE (a search
-space may not name them) and ONE_RUN_FLAGS (a study's own command line may not set them).
 """
 import copy
 import dataclasses
@@ -25,18 +22,8 @@ PARAM_KEYS = {"int": {"type", "min", "max", "step", "log"}, "float": {"type", "m
               "categorical": {"type", "choices"}}
 # Flags a search space may not name (they do not change what a run computes), and the flags a
 # study's own command line may not set (they name one run), with why: both from the flag table.
-NOT_SEARCHABLE = flags.not_searchable()
+NOT_SEARCHABLE = flags.not_outcome()
 ONE_RUN_FLAGS = flags.study_refusals()
-
-
-def known_metrics(kind, args):
-    """Keys of the per-epoch log (log.txt) a study can optimize, for these settings."""
-    out = {"train_loss", "train_lr", "train_grad_norm"}
-    if kind == "finetune" and not args.disable_eval:
-        out |= {"test_loss", "test_acc1", "test_acc5"}
-        if args.model_ema and args.model_ema_eval:
-            out |= {"test_loss_ema", "test_acc1_ema", "test_acc5_ema"}
-    return out
 
 
 @dataclasses.dataclass
@@ -108,8 +95,8 @@ def _number(v, where, integer=False):
     return out
 
 
-def _parse_param(path, flag, raw, actions):
-    where = f"{path}: search_space.{flag}"
+def _parse_param(where, flag, raw, action):
+    """A search_space entry as a Param, checked against the flag it searches."""
     if not isinstance(raw, dict):
         raise UserError(f"{where}: write {{type: int|float|categorical, ...}}, got {raw!r}")
     kind = raw.get("type")
@@ -119,37 +106,27 @@ def _parse_param(path, flag, raw, actions):
     if unknown:
         raise UserError(f"{where}: unknown key {unknown[0]!r} for type {kind} "
                         f"(keys: {', '.join(sorted(PARAM_KEYS[kind]))})")
-    acts = actions[flag]
-    action = next((a for a in acts if a.nargs != 0), acts[0])
     if action.nargs not in (None, "?"):
         raise UserError(f"{where}: --{flag} takes several values; only single-valued flags can be searched")
     if kind == "categorical":
-        return _categorical(where, flag, raw, action)
+        from util.config import convert_value
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise UserError(f"{where}: choices must be a non-empty list")
+        values = {}
+        for c in choices:
+            if not (c is None or isinstance(c, (bool, int, float, str))):
+                raise UserError(f"{where}: choice {c!r} is not a single value")
+            if _choice_key(c) in values:
+                raise UserError(f"{where}: choice {c!r} is given twice")
+            values[_choice_key(c)] = convert_value(action, c, f"{where} choice {c!r}")
+        return Param(flag, "categorical", choices=list(choices), values=values)
     flag_type = action.type
     if flag_type not in (int, float) or action.choices is not None:
         raise UserError(f"{where}: --{flag} is not a number flag; use type: categorical with choices")
     if (flag_type is int) != (kind == "int"):
         raise UserError(f"{where}: --{flag} takes {'a whole number' if flag_type is int else 'a float'}; "
                         f"use type: {flag_type.__name__}")
-    return _range(where, flag, kind, raw)
-
-
-def _categorical(where, flag, raw, action):
-    from util.config import convert_value
-    choices = raw.get("choices")
-    if not isinstance(choices, list) or not choices:
-        raise UserError(f"{where}: choices must be a non-empty list")
-    values = {}
-    for c in choices:
-        if not (c is None or isinstance(c, (bool, int, float, str))):
-            raise UserError(f"{where}: choice {c!r} is not a single value")
-        if _choice_key(c) in values:
-            raise UserError(f"{where}: choice {c!r} is given twice")
-        values[_choice_key(c)] = convert_value(action, c, f"{where} choice {c!r}")
-    return Param(flag, "categorical", choices=list(choices), values=values)
-
-
-def _range(where, flag, kind, raw):
     for key in ("min", "max"):
         if key not in raw:
             raise UserError(f"{where}: {key} is missing")
@@ -173,13 +150,56 @@ def _range(where, flag, kind, raw):
 
 def load_spec(path, parser, kind, args):
     """Read and check the whole search file (and the flags it searches) before any trial:
-    every mistake is a one-line UserError. `check_bounds` then asks the script itself."""
-    from util.config import load_yaml
+    every mistake is a one-line UserError. `prepare` then asks the script itself."""
+    from util.config import dest_actions, load_yaml
     data = load_yaml(path)
-    _check_keys(path, data)
-    name, trials, seed, direction = _study_keys(path, data)
-    metric = _metric(path, data["metric"], kind, args)
-    params = _search_space(path, data["search_space"], parser)
+    unknown = sorted(set(data) - set(SPEC_KEYS))
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), SPEC_KEYS, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"keys: {', '.join(SPEC_KEYS)}"
+        raise UserError(f"{path}: unknown key {unknown[0]!r} ({hint})")
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise UserError(f"{path}: {missing[0]} is missing (needed: {', '.join(REQUIRED)})")
+    name = data["study_name"]
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise UserError(f"{path}: study_name must be a folder name (letters, digits, . _ -), got {name!r}")
+    trials = _number(data["trials"], f"{path}: trials", integer=True)
+    if trials < 1:
+        raise UserError(f"{path}: trials must be >= 1, got {trials}")
+    seed = data.get("seed")
+    if seed is not None:
+        seed = _number(seed, f"{path}: seed", integer=True)
+    direction = data["direction"]
+    if direction not in ("maximize", "minimize"):
+        raise UserError(f"{path}: direction must be maximize or minimize, got {direction!r}")
+    metric = data["metric"]
+    known = {"train_loss", "train_lr", "train_grad_norm"}  # the keys of the per-epoch log (log.txt)
+    if kind == "finetune" and not args.disable_eval:
+        known |= {"test_loss", "test_acc1", "test_acc5"}
+        if args.model_ema and args.model_ema_eval:
+            known |= {"test_loss_ema", "test_acc1_ema", "test_acc5_ema"}
+    if metric not in known:
+        why = " (evaluation is off: --disable_eval)" if kind == "finetune" and args.disable_eval \
+            and isinstance(metric, str) and metric.startswith("test_") else ""
+        raise UserError(f"{path}: metric {metric!r} is not in the per-epoch log{why}; "
+                        f"choose one of {', '.join(sorted(known))}")
+    space = data["search_space"]
+    if not isinstance(space, dict) or not space:
+        raise UserError(f"{path}: search_space must map flag names to {{type, ...}}")
+    actions = dest_actions(parser)
+    params = {}  # each key a flag of the script that changes what a run computes
+    for key, raw in space.items():
+        flag = key.replace("-", "_") if isinstance(key, str) else key
+        if flag not in actions:
+            close = difflib.get_close_matches(str(flag), list(actions), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else "see --help for the flags"
+            raise UserError(f"{path}: search_space: {key!r} is not a flag of this script ({hint})")
+        if flag in NOT_SEARCHABLE:
+            raise UserError(f"{path}: search_space: {flag} does not change what a run computes "
+                            "(it is not part of the run signature); search flags that do")
+        action = next((a for a in actions[flag] if a.nargs != 0), actions[flag][0])
+        params[flag] = _parse_param(f"{path}: search_space.{flag}", flag, raw, action)
     if "blr" in params and args.lr is not None:
         raise UserError(f"{path}: search_space.blr has no effect while --lr {args.lr} is set; drop --lr")
     spec = SearchSpec(path=path, study_name=name, trials=trials, metric=metric, direction=direction,
@@ -193,86 +213,24 @@ def load_spec(path, parser, kind, args):
     return spec
 
 
-def _check_keys(path, data):
-    unknown = sorted(set(data) - set(SPEC_KEYS))
-    if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), SPEC_KEYS, n=1)
-        hint = f"did you mean {close[0]}?" if close else f"keys: {', '.join(SPEC_KEYS)}"
-        raise UserError(f"{path}: unknown key {unknown[0]!r} ({hint})")
-    missing = [k for k in REQUIRED if k not in data]
-    if missing:
-        raise UserError(f"{path}: {missing[0]} is missing (needed: {', '.join(REQUIRED)})")
-
-
-def _study_keys(path, data):
-    """(study_name, trials, seed, direction), checked."""
-    name = data["study_name"]
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise UserError(f"{path}: study_name must be a folder name (letters, digits, . _ -), got {name!r}")
-    trials = _number(data["trials"], f"{path}: trials", integer=True)
-    if trials < 1:
-        raise UserError(f"{path}: trials must be >= 1, got {trials}")
-    seed = data.get("seed")
-    if seed is not None:
-        seed = _number(seed, f"{path}: seed", integer=True)
-    direction = data["direction"]
-    if direction not in ("maximize", "minimize"):
-        raise UserError(f"{path}: direction must be maximize or minimize, got {direction!r}")
-    return name, trials, seed, direction
-
-
-def _metric(path, metric, kind, args):
-    known = known_metrics(kind, args)
-    if metric not in known:
-        why = " (evaluation is off: --disable_eval)" if kind == "finetune" and args.disable_eval \
-            and isinstance(metric, str) and metric.startswith("test_") else ""
-        raise UserError(f"{path}: metric {metric!r} is not in the per-epoch log{why}; "
-                        f"choose one of {', '.join(sorted(known))}")
-    return metric
-
-
-def _search_space(path, space, parser):
-    """{flag: Param}: each key a flag of the script that changes what a run computes."""
-    from util.config import dest_actions
-    if not isinstance(space, dict) or not space:
-        raise UserError(f"{path}: search_space must map flag names to {{type, ...}}")
-    actions = dest_actions(parser)
-    params = {}
-    for key, raw in space.items():
-        flag = key.replace("-", "_") if isinstance(key, str) else key
-        if flag not in actions:
-            close = difflib.get_close_matches(str(flag), list(actions), n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else "see --help for the flags"
-            raise UserError(f"{path}: search_space: {key!r} is not a flag of this script ({hint})")
-        if flag in NOT_SEARCHABLE:
-            raise UserError(f"{path}: search_space: {flag} does not change what a run computes "
-                            "(it is not part of the run signature); search flags that do")
-        params[flag] = _parse_param(path, flag, raw, actions)
-    return params
-
-
-def check_bounds(spec, args, validate_args):
-    """The script's own checks on each end of each range (and each choice)."""
+def prepare(args, kind):
+    """Everything checked before any trial: the launch's flags, the whole search file, then the
+    script's own checks on each end of each range (and each choice)."""
+    module = importlib.import_module(MODULES[kind])
+    if not args.optimize_config:
+        raise UserError("--storage is for a hyperparameter search: give --optimize_config search.yaml")
+    for flag, msg in ONE_RUN_FLAGS.items():
+        if getattr(args, flag):
+            raise UserError(msg)
+    spec = load_spec(args.optimize_config, module.get_args_parser(), kind, args)
+    module.validate_args(args)
     for flag, p in spec.params.items():
         ends = [p.value(c) for c in p.choices] if p.type == "categorical" else [p.value(p.low), p.value(p.high)]
         for v in ends:
             trial = copy.copy(args)
             setattr(trial, flag, v)
             try:
-                validate_args(trial)
+                module.validate_args(trial)
             except UserError as e:
                 raise UserError(f"{spec.path}: search_space.{flag} = {v!r} is refused by the script: {e}") from None
-
-
-def prepare(args, kind):
-    """Everything checked before any trial: the launch's flags and the whole search file."""
-    module = importlib.import_module(MODULES[kind])
-    if not args.optimize_config:
-        raise UserError("--storage is for a hyperparameter search: give --optimize_config search.yaml")
-    for flag, msg in ONE_RUN_FLAGS.items():
-        if flags.value(args, flag):
-            raise UserError(msg)
-    spec = load_spec(args.optimize_config, module.get_args_parser(), kind, args)
-    module.validate_args(args)
-    check_bounds(spec, args, module.validate_args)
     return spec

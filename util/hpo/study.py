@@ -4,15 +4,14 @@ A study lives in `<runs_root>/studies/<study_name>/`: the Optuna journal (unless
 lock files, `best.yaml` and TensorBoard HParams. A trial is *owned* by whoever holds its lock
 file (an flock: the kernel drops it when the holder dies, even by SIGKILL); a running trial
 whose lock nobody holds was left by a process that died, and the next driver resumes it as the
-same trial. Hand-written rather than Optuna's heartbeats: those need RDBStorage (the journal
-file has none) and fail a stale trial, where this resumes it, run and trial number alike.
+same trial. Not Optuna's heartbeats: those need RDBStorage (the journal file has none) and fail
+a stale trial, where this resumes it, run and trial number alike.
 """
-import dataclasses
 import errno
-import fcntl
 import os
-import socket
 import time
+
+import filelock
 
 from util.errors import UserError
 from util.hpo.samplers import make_pruner, make_sampler
@@ -74,96 +73,48 @@ def trial_id(storage, study_name, number):
     return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
 
 
-class FileLock:
-    """An exclusive flock on a file; the kernel drops it when the holder dies, even by SIGKILL.
-    Needs a filesystem with working locks (local disks, NFS; Lustre mounted with -o flock)."""
-
-    def __init__(self, path):
-        self.path, self.fd = path, None
-
-    def acquire(self, blocking=True):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise UserError(f"file locks do not work in {os.path.dirname(self.path)} ({e.strerror}); "
-                                "put --runs_root on a filesystem that supports flock") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-        self.fd = fd
-        return True
-
-    def release(self):
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-        return False
-
-
-def study_lock(sdir):
-    return FileLock(os.path.join(sdir, "locks", "study.lock"))
-
-
-def trial_lock(sdir, number):
-    return FileLock(os.path.join(sdir, "locks", f"trial-{number}.lock"))
-
-
-@dataclasses.dataclass
-class TrialJob:
-    """One trial to train: what a launcher needs (picklable)."""
-    number: int
-    trial_id: int
-    params: dict
-    adopted: bool = False           # a running trial left by a process that died: resume it
-    same_as: list = dataclasses.field(default_factory=list)  # running trials with these params
+def hold(sdir, name, blocking=True):
+    """Take the lock file <sdir>/locks/<name>.lock; a context manager that lets it go (filelock's),
+    or None when `blocking` is False and another process or thread holds it. An flock, never
+    filelock's soft fallback: the kernel drops an flock when its holder dies, even by SIGKILL,
+    which is how an orphaned trial is found. Needs a filesystem with working locks (local disks,
+    NFS; Lustre mounted with -o flock)."""
+    lock = filelock.FileLock(os.path.join(sdir, "locks", f"{name}.lock"), fallback_to_soft=False)
+    try:
+        return lock.acquire(blocking=blocking)
+    except filelock.Timeout:
+        return None
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise UserError(f"file locks do not work in {os.path.join(sdir, 'locks')} ({e.strerror}); "
+                            "put --runs_root on a filesystem that supports flock") from None
+        raise
 
 
 def next_trial(study, storage, spec, sdir):
     """Under the study lock: the oldest orphaned running trial, else a new one when the study
-    has fewer than `trials` finished or running trials, else None. Returns (job, lease): the
-    caller owns the trial while it holds the lease (release it after the trial is told)."""
+    has fewer than `trials` finished or running trials, else None. Returns (job, lease): the job
+    is what a launcher needs (a picklable dict: number, trial_id, params; adopted: a running
+    trial left by a process that died, to resume; same_as: the running trials with these
+    params); the caller owns the trial while it holds the lease (let go after the trial is told)."""
     from optuna.trial import TrialState
-    with study_lock(sdir):
+    with hold(sdir, "study"):
         trials = study.get_trials(deepcopy=False)
         running = [t for t in trials if t.state == TrialState.RUNNING]
         for t in running:
-            lease = trial_lock(sdir, t.number)
-            if lease.acquire(blocking=False):
-                tid = trial_id(storage, study.study_name, t.number)
-                return TrialJob(t.number, tid, dict(t.params), adopted=True), lease
+            lease = hold(sdir, f"trial-{t.number}", blocking=False)
+            if lease is not None:
+                return dict(number=t.number, trial_id=trial_id(storage, study.study_name, t.number),
+                            params=dict(t.params), adopted=True, same_as=[]), lease
         finished = sum(t.state.is_finished() for t in trials)
         if finished + len(running) >= spec.trials:
             return None, None
         study.sampler = make_sampler(spec, len(trials))
         trial = study.ask(spec.distributions())
-        lease = trial_lock(sdir, trial.number)
-        lease.acquire()
-        same = [t.number for t in running if t.params == trial.params]
-        tid = trial_id(storage, study.study_name, trial.number)
-        return TrialJob(trial.number, tid, dict(trial.params), same_as=same), lease
-
-
-def lease_free(sdir, number):
-    lease = trial_lock(sdir, number)
-    if lease.acquire(blocking=False):
-        lease.release()
-        return True
-    return False
+        lease = hold(sdir, f"trial-{trial.number}")
+        return dict(number=trial.number, trial_id=trial_id(storage, study.study_name, trial.number),
+                    params=dict(trial.params), adopted=False,
+                    same_as=[t.number for t in running if t.params == trial.params]), lease
 
 
 def wait_for_twins(study, sdir, numbers, poll_s=10.0):
@@ -172,8 +123,9 @@ def wait_for_twins(study, sdir, numbers, poll_s=10.0):
     from optuna.trial import TrialState
     for n in numbers:
         print(f"[study {study.study_name}] waiting for trial {n} (same parameters, same run)", flush=True)
-        while True:
-            t = study.get_trials(deepcopy=False)[n]
-            if t.state != TrialState.RUNNING or lease_free(sdir, n):
-                break
+        while study.get_trials(deepcopy=False)[n].state == TrialState.RUNNING:
+            lease = hold(sdir, f"trial-{n}", blocking=False)
+            if lease is not None:  # nobody holds it: its process died
+                with lease:
+                    break
             time.sleep(poll_s)

@@ -52,15 +52,11 @@ def summarize(study, spec, sdir, out=None):
           f"params {fmt_params(best.params)}; run {run_dir}", file=out)
     src = os.path.join(run_dir or "", "config.yaml")
     if os.path.isfile(src):
-        _write_best(src, best, spec, sdir, run_dir, out)
+        from models.atomic import atomic_write_text
+        with open(src, encoding="utf-8") as f:
+            body = f.read()
+        header = (f"# Best trial {best.number} of study {spec.study_name}: {spec.metric} {best.value:.6g} "
+                  f"({spec.direction}); run {run_dir}\n# params: {json.dumps(best.params)}\n")
+        atomic_write_text(os.path.join(sdir, "best.yaml"), header + body)
+        print(f"[study {spec.study_name}] wrote {os.path.join(sdir, 'best.yaml')} (use it as --config)", file=out)
     return best
-
-
-def _write_best(src, best, spec, sdir, run_dir, out):
-    from util.atomic import atomic_write_text
-    with open(src, encoding="utf-8") as f:
-        body = f.read()
-    header = (f"# Best trial {best.number} of study {spec.study_name}: {spec.metric} {best.value:.6g} "
-              f"({spec.direction}); run {run_dir}\n# params: {json.dumps(best.params)}\n")
-    atomic_write_text(os.path.join(sdir, "best.yaml"), header + body)
-    print(f"[study {spec.study_name}] wrote {os.path.join(sdir, 'best.yaml')} (use it as --config)", file=out)

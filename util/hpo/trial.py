@@ -1,9 +1,9 @@
 """One trial: an ordinary run of the main script with the trial's flags.
 
 The process that trains the trial (rank 0 of it) reports the metric after each epoch, asks the
-pruner, broadcasts the decision so every rank stops together (`Reporter`), and tells Optuna the
-result (`TrialTask`). The same TrialTask runs here (util/hpo/local.py) or as a Slurm job's work
-(util/hpo/slurm.py, through util/slurm/job.Trainer).
+pruner, broadcasts the decision so every rank stops together, and tells Optuna the result
+(`Trial`). The same Trial runs here (util/hpo/local.py) or as a Slurm job's work
+(util/hpo/slurm.py, through util/slurm/job.Job).
 """
 import copy
 import dataclasses
@@ -23,7 +23,7 @@ from util.hpo.summary import fmt_params, write_hparams
 
 
 class Pruned(Exception):
-    """Stops a trial's run on every rank; run.json says `pruned` (util/run_context.run_epochs)."""
+    """Stops a trial's run on every rank; run.json says `pruned` (its `run_status`)."""
     run_status = "pruned"
 
 
@@ -77,47 +77,11 @@ def best_value(spec, run_dir):
     return best
 
 
-class Reporter:
-    """epoch_callback of a trial's main(): rank 0 reports the metric (and any earlier epochs of a
-    resumed run) and asks the pruner; every rank gets the decision, so all stop together."""
-
-    def __init__(self, spec, trial, targs):
-        self.spec, self.trial, self.targs = spec, trial, targs  # trial is None off rank 0
-        self.run_dir = targs.output_dir or None  # main() names the run directory (on_run_dir)
-
-    def opened(self, run_dir):
-        """main()'s on_run_dir: the trial's run directory, once chosen (every rank)."""
-        self.run_dir = run_dir
-
-    def __call__(self, epoch, log):
-        decision = self._decide(epoch, log) if self.trial is not None else None
-        decision = du.broadcast_object(decision)
-        if decision and decision[0] == "missing":
-            raise MetricMissing(f"metric {self.spec.metric} is not in the epoch log (it has: {decision[1]}); "
-                                f"fix metric in {self.spec.path}")
-        if decision:
-            raise Pruned(decision[1])
-
-    def _decide(self, epoch, log):
-        metric = self.spec.metric
-        if metric not in log:
-            return ("missing", ", ".join(sorted(k for k in log if k != "epoch")))
-        done = self.trial.study.get_trials(deepcopy=False)[self.trial.number].intermediate_values
-        entries = {e["epoch"]: e for e in read_log(self.run_dir) if "epoch" in e}
-        entries[epoch] = log
-        for e in sorted(entries):
-            v = entries[e].get(metric)
-            if e not in done and isinstance(v, (int, float)):
-                self.trial.report(float(v), e)
-        if self.trial.should_prune():
-            return ("prune", f"pruned by {self.spec.pruner[0]} after epoch {epoch} ({metric} {log[metric]:.4g})")
-        return None
-
-
-class TrialTask:
+class Trial:
     """Train one trial: callable on every rank of the process or group that trains it (here, or
-    in a Slurm job); rank 0 talks to Optuna. Picklable: holds the flags, the spec and where the
-    study is (`storage`: the launch's --storage or None for the journal in the study folder).
+    in a Slurm job); rank 0 talks to Optuna. Picklable: holds the flags, the spec, the job
+    (util/hpo/study.next_trial) and where the study is (`storage`: the launch's --storage or None
+    for the journal in the study folder).
 
     `run_dir`: the run directory chosen before submitting (Slurm), else the signature picks it.
     `stop_on_setup_error`: a UserError before the run opened means the launch's own flags
@@ -130,33 +94,41 @@ class TrialTask:
     def study(self, storage=None):
         """A handle on the study for reporting and telling. Its sampler is never asked (the
         driver samples) and must not act after a trial (GridSampler would stop the study).
-        `storage`: the driver's open storage, else this task opens the study's."""
+        `storage`: the driver's open storage, else this trial opens the study's."""
         import optuna
         return optuna.load_study(study_name=self.spec.study_name,
                                  storage=storage or open_storage(self.storage, self.sdir),
                                  sampler=optuna.samplers.RandomSampler(), pruner=make_pruner(self.spec))
 
     def __call__(self, storage=None):
+        import optuna
         module = importlib.import_module(MODULES[self.kind])
         spec, job = self.spec, self.job
-        main_rank = du.detect_launcher()[1] == 0
-        trial = self._start(storage) if main_rank else None
-        targs = trial_args(self.args, spec, job.params)
+        trial = None
+        if du.detect_launcher()[1] == 0:  # rank 0: the Optuna trial, marked with this worker
+            study = self.study(storage)
+            trial = optuna.trial.Trial(study, job["trial_id"])
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            print(f"[study {spec.study_name}] trial {job['number']} {'resumed' if job['adopted'] else 'started'}: "
+                  f"{fmt_params(job['params'])}", flush=True)
+            if job["same_as"]:
+                wait_for_twins(study, self.sdir, job["same_as"])
+        targs = trial_args(self.args, spec, job["params"])
         if self.run_dir:
             targs.output_dir = self.run_dir
-        outcome = Outcome(job.number, "FAIL")
+        outcome = Outcome(job["number"], "FAIL")
         try:
             module.validate_args(targs)
         except UserError as e:  # values the script refuses together: this trial fails, the study goes on
             outcome.reason = f"the script refuses these values: {e}"
         else:
-            outcome = self._train(module, targs, trial, outcome)
+            self._train(module, targs, trial, outcome)
         states = du.all_gather_object(outcome.state) if du.is_dist() else [outcome.state]
         if outcome.state == "COMPLETE" and "FAIL" in states:
             outcome.state, outcome.reason = "FAIL", "another rank failed"
         if outcome.state == "preempted":
-            if main_rank:
-                print(f"[study {spec.study_name}] trial {job.number} preempted: its run saved its state; "
+            if trial is not None:
+                print(f"[study {spec.study_name}] trial {job['number']} preempted: its run saved its state; "
                       "start the study again to resume it", flush=True)
             return outcome
         if outcome.state == "COMPLETE":
@@ -166,51 +138,63 @@ class TrialTask:
         self._tell(trial, outcome)
         return outcome
 
-    def _start(self, storage):
-        """Rank 0: the Optuna trial, marked with this worker; waits for a twin trial's run."""
-        import optuna
-        job = self.job
-        study = self.study(storage)
-        trial = optuna.trial.Trial(study, job.trial_id)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        print(f"[study {self.spec.study_name}] trial {job.number} {'resumed' if job.adopted else 'started'}: "
-              f"{fmt_params(job.params)}", flush=True)
-        if job.same_as:
-            wait_for_twins(study, self.sdir, job.same_as)
-        return trial
-
     def _train(self, module, targs, trial, outcome):
-        """main() of the script with the trial's flags; the outcome says how it ended."""
+        """main() of the script with the trial's flags; `outcome` says how it ended."""
         from util.run_context import AlreadyCompleted
-        spec, job = self.spec, self.job
-        extra = {"study": {"name": spec.study_name, "trial": job.number, "params": job.params,
+        spec, number = self.spec, self.job["number"]
+
+        def opened(run_dir):  # main()'s on_run_dir, on every rank
+            self.run_dir = run_dir
+
+        def report(epoch, log):
+            """main()'s epoch_callback, on every rank: rank 0 reports the metric (and the earlier
+            epochs of a resumed run) and asks the pruner; every rank gets the decision, so all
+            stop together."""
+            decision = None
+            if trial is not None and spec.metric not in log:
+                decision = ("missing", ", ".join(sorted(k for k in log if k != "epoch")))
+            elif trial is not None:
+                done = trial.study.get_trials(deepcopy=False)[number].intermediate_values
+                entries = {e["epoch"]: e for e in read_log(self.run_dir) if "epoch" in e}
+                entries[epoch] = log
+                for e in sorted(entries):
+                    v = entries[e].get(spec.metric)
+                    if e not in done and isinstance(v, (int, float)):
+                        trial.report(float(v), e)
+                if trial.should_prune():
+                    decision = ("prune", f"pruned by {spec.pruner[0]} after epoch {epoch} "
+                                         f"({spec.metric} {log[spec.metric]:.4g})")
+            decision = du.broadcast_object(decision)
+            if decision and decision[0] == "missing":
+                raise MetricMissing(f"metric {spec.metric} is not in the epoch log (it has: {decision[1]}); "
+                                    f"fix metric in {spec.path}")
+            if decision:
+                raise Pruned(decision[1])
+        extra = {"study": {"name": spec.study_name, "trial": number, "params": self.job["params"],
                            "dir": os.path.abspath(self.sdir)}}
-        reporter = Reporter(spec, trial, targs)
         try:
-            result = module.main.__wrapped__(targs, epoch_callback=reporter, record_extra=extra,
-                                             on_run_dir=reporter.opened) or {}
+            result = module.main(targs, epoch_callback=report, record_extra=extra, on_run_dir=opened) or {}
             outcome.run_dir = result.get("run_dir")
             outcome.state = "preempted" if result.get("status") == "preempted" else "COMPLETE"
         except Pruned as p:
-            outcome.state, outcome.reason, outcome.run_dir = "PRUNED", str(p), reporter.run_dir
+            outcome.state, outcome.reason, outcome.run_dir = "PRUNED", str(p), self.run_dir
         except AlreadyCompleted as done:
             outcome.state, outcome.run_dir, outcome.reused = "COMPLETE", done.run_dir, True
         except UserError as e:
-            outcome.reason, outcome.run_dir = str(e), reporter.run_dir
+            outcome.reason, outcome.run_dir = str(e), self.run_dir
             # before its run opened, the launch's own flags cannot run at all: stop the study
-            if isinstance(e, MetricMissing) or (self.stop_on_setup_error and not reporter.run_dir):
+            if isinstance(e, MetricMissing) or (self.stop_on_setup_error and not self.run_dir):
                 self._tell(trial, outcome)
-                raise UserError(f"trial {outcome.number}: {e}") from None
+                raise UserError(f"trial {number}: {e}") from None
         except Exception as e:  # a failed trial keeps its run (status failed) and the study goes on
-            outcome.reason, outcome.run_dir = f"{type(e).__name__}: {e}", reporter.run_dir
+            outcome.reason, outcome.run_dir = f"{type(e).__name__}: {e}", self.run_dir
             traceback.print_exc()
-        return outcome
 
     def tell(self, outcome, storage=None):
         """Tell an outcome decided outside the trial's run (by the driver: a reused run, a job
         that died without telling)."""
         import optuna
-        self._tell(optuna.trial.Trial(self.study(storage), self.job.trial_id), outcome)
+        self._tell(optuna.trial.Trial(self.study(storage), self.job["trial_id"]), outcome)
         return outcome
 
     def _tell(self, trial, o):

@@ -10,7 +10,6 @@ import sys
 import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-from util.atomic import remove_empty_dirs
 from util.errors import UserError
 from util.slurm.flags import cpus_per_task, gpus_per_node, mem_gb_per_node, parse_extra
 
@@ -18,21 +17,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MAX_NUM_TIMEOUT = 30             # requeues after a timeout or preemption (the original's value)
 
 
-def _mem(mem_gb):
-    return f"{int(mem_gb)}GB" if float(mem_gb).is_integer() else f"{int(mem_gb * 1024)}MB"
-
-
 def _pythonpath_line():
-    """The job unpickles util.slurm.job.Trainer: make the suite importable wherever it starts."""
+    """The job unpickles util.slurm.job.Job: make the suite importable wherever it starts."""
     return f"export PYTHONPATH={shlex.quote(REPO)}${{PYTHONPATH:+:$PYTHONPATH}}"
 
 
 def slurm_parameters(args, name):
     """sbatch settings (submitit's SlurmExecutor names) from the flags."""
     constraint = "&".join(c for c in ("volta32gb" if args.use_volta32 else "", args.constraint) if c)
+    mem_gb = mem_gb_per_node(args)
     params = {
         "job_name": name, "time": args.timeout, "nodes": args.nodes, "ntasks_per_node": args.ngpus,
-        "cpus_per_task": cpus_per_task(args), "mem": _mem(mem_gb_per_node(args)),
+        "cpus_per_task": cpus_per_task(args),
+        "mem": f"{int(mem_gb)}GB" if float(mem_gb).is_integer() else f"{int(mem_gb * 1024)}MB",
         "signal_delay_s": args.signal_delay_s,
         "setup": [_pythonpath_line()],
     }
@@ -94,7 +91,7 @@ def batch_script(args, folder, name):
     return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
 
 
-def submit(executor, trainer, run_dir, undo_dirs=()):
+def submit(executor, job, run_dir, undo_dirs=()):
     """executor.submit, with sbatch's refusal as one line (and its leftovers removed: its files
     and the folders in `undo_dirs`, deepest first, that are empty again)."""
     folder = os.path.join(run_dir, "slurm")
@@ -102,14 +99,15 @@ def submit(executor, trainer, run_dir, undo_dirs=()):
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):  # submitit prints sbatch's stderr itself
-            job = executor.submit(trainer)
+            handle = executor.submit(job)
     except (FailedJobError, FailedSubmissionError) as e:
         for name in (set(os.listdir(folder)) - before) if os.path.isdir(folder) else ():
             path = os.path.join(folder, name)
             if os.path.isfile(path):
                 os.remove(path)
+        from models.atomic import remove_empty_dirs  # not at import: the cheap checks load no models/
         remove_empty_dirs(([] if before else [folder]) + list(undo_dirs))
         msg = " ".join((str(e) or said.getvalue()).split())
         raise UserError(f"sbatch refused the job: {msg[-400:]}") from None
     sys.stderr.write(said.getvalue())
-    return job
+    return handle

@@ -9,38 +9,29 @@ from util.config import flag_dests, set_flag_dests
 from util.errors import UserError
 
 
-def add_slurm_args(parser):
-    """The original launcher flags plus ours (role `slurm` in the flag table, util/flags.py); the
-    main script's flags are already on `parser`."""
-    flags.add_flags(parser, flags.SLURM, group=parser.add_argument_group("Slurm / submitit (see docs/slurm.md)"))
-    return parser
-
-
 # The dests of the launcher's own flags: the flag table's `slurm` flags.
 SLURM_DESTS = flags.names(flags.SLURM)
 
 
 def launcher_parser(module, prog=None):
-    """The main script's parser plus the Slurm flags; its usage line names the launcher
-    (`prog`, by default submitit_<kind>.py for main_<kind>)."""
+    """The main script's parser plus the Slurm flags (the original launcher's plus ours); its
+    usage line names the launcher (`prog`, by default submitit_<kind>.py for main_<kind>)."""
     parser = module.get_args_parser()
     parser.prog = prog or f"submitit_{module.__name__.rsplit('.', 1)[-1].removeprefix('main_')}.py"
     parser.description = f"Submit {module.__name__}.py with submitit (Slurm, local or debug)"
-    return add_slurm_args(parser)
+    flags.add_flags(parser, flags.SLURM, group=parser.add_argument_group("Slurm / submitit (see docs/slurm.md)"))
+    return parser
 
 
-def split_args(args, main_dests=None):
-    """The main script's own Namespace (only its flags, as if it had parsed them itself), so its
-    signature, config.yaml and run.json are those of a plain run with the same settings.
-    `main_dests`: the main script's flags; by default every parsed flag but the launcher's."""
-    if main_dests is None:
-        main_dests = frozenset(flag_dests(args) or vars(args)) - SLURM_DESTS
+def split_args(args):
+    """The main script's own Namespace (without the launcher's flags, as if it had parsed them
+    itself), so its signature, config.yaml and run.json are those of a plain run with the same
+    settings."""
     out = copy.copy(args)
-    for k in list(vars(out)):
-        if k not in main_dests:
-            delattr(out, k)
-    if flag_dests(out) is not None:
-        set_flag_dests(out, main_dests)
+    for k in SLURM_DESTS & set(vars(out)):
+        delattr(out, k)
+    if flag_dests(args) is not None:
+        set_flag_dests(out, flag_dests(args) - SLURM_DESTS)
     return out
 
 

@@ -3,8 +3,8 @@ search's trials alike (docs/slurm.md, "Preemption").
 
 Preemption: submitit's batch script asks Slurm for USR2 before the time limit and on
 preemption. main() traps USR2 and SIGTERM itself (util/preemption.py) and saves
-checkpoint-last.pth at the next optimizer step; the Trainer then hands over to submitit's own
-USR2 handler, which pickles `Trainer.checkpoint()` and runs `scontrol requeue`. On SIGTERM alone
+checkpoint-last.pth at the next optimizer step; the Job then hands over to submitit's own USR2
+handler, which pickles `Job.checkpoint()` and runs `scontrol requeue`. On SIGTERM alone
 (`scontrol requeue`, `scancel`) Slurm decides what comes next; the state is saved either way.
 """
 import copy
@@ -21,25 +21,28 @@ from util import runs
 from util.errors import UserError
 
 
-class Trainer:
+class Job:
     """What runs in every task of the job: torch.distributed from submitit's job environment,
-    then the work: `<module>.main(args)`, or for a search trial `task()` (util/hpo/trial.py:
+    then the work: `<module>.main(args)`, or for a search trial `trial()` (util/hpo/trial.py:
     the same main with the trial's epoch callback; it tells Optuna itself). Picklable: it holds
-    the module name, the kind, the run's args (output_dir: the run directory) and the task."""
+    the module name, the kind, the run's args (output_dir: the run directory) and the trial."""
 
-    def __init__(self, module, kind, args, task=None):
-        self.module, self.kind, self.args, self.task = module, kind, args, task
+    def __init__(self, module, kind, args, trial=None):
+        self.module, self.kind, self.args, self.trial = module, kind, args, trial
 
     def __call__(self):
-        env = job_environment()
+        try:
+            env = submitit.JobEnvironment()
+        except RuntimeError:  # not inside a submitit job (e.g. called directly)
+            env = None
         if env is not None and env.num_tasks > 1:
             # set_cuda_visible_devices=False: util/distributed.py picks cuda:<local_rank> itself
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
                                                                   overwrite=True)
-        work = self._work()
+        main = None if self.trial is not None else importlib.import_module(self.module).main
         try:
             with _SignalLog() as log:
-                result = work()
+                result = self.trial() if main is None else main(copy.deepcopy(self.args))
         except UserError as e:
             self._record_failure(env, f"UserError: {e}")
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -47,17 +50,11 @@ class Trainer:
         except Exception as e:
             self._record_failure(env, f"{type(e).__name__}: {e}")
             raise
-        if _stopped_to_resume(result) and env is not None and env.cluster != "debug":
+        # main() returns {"status": "preempted"}, a trial its Outcome with state "preempted"
+        status = result.get("status") if isinstance(result, dict) else getattr(result, "state", None)
+        if status == "preempted" and env is not None and env.cluster != "debug":
             _after_stop(env, log.received)
         return result
-
-    def _work(self):
-        if self.task is not None:
-            return self.task
-        main = importlib.import_module(self.module).main
-        main = getattr(main, "__wrapped__", main)  # without exit_on_user_error: we record the error
-        args = self.args
-        return lambda: main(copy.deepcopy(args))
 
     def _record_failure(self, env, reason):
         """main() marks failures inside its training loop; this covers the ones before it
@@ -80,27 +77,7 @@ class Trainer:
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on USR2: requeue the same run (or trial); main() resumes it from
         checkpoint-last.pth (same output_dir, auto_resume)."""
-        return submitit.helpers.DelayedSubmission(Trainer(self.module, self.kind, self.args, self.task))
-
-
-def _stopped_to_resume(result):
-    """main() returned {"status": "preempted"}; a trial task returns its Outcome."""
-    if isinstance(result, dict):
-        return result.get("status") == "preempted"
-    return getattr(result, "state", None) == "preempted"
-
-
-def job_environment():
-    try:
-        return submitit.JobEnvironment()
-    except RuntimeError:  # not inside a submitit job (e.g. called directly)
-        return None
-
-
-def preemption_signal(env):
-    """The signal submitit asks Slurm for before the time limit and on preemption (USR2 unless
-    SUBMITIT_PREEMPT_SIGNAL names another); JobEnvironment.USR_SIG is its public name."""
-    return signal.Signals["SIG" + env.USR_SIG]
+        return submitit.helpers.DelayedSubmission(Job(self.module, self.kind, self.args, self.trial))
 
 
 def _after_stop(env, received):
@@ -108,7 +85,8 @@ def _after_stop(env, received):
     job._interrupt()) run submitit's own handler, which main() had replaced: rank 0 pickles
     checkpoint() and requeues, then exits. After SIGTERM alone, Slurm requeues or cancels
     the job itself. Either way leave no result file: the job is not over."""
-    usr = preemption_signal(env)
+    # the signal submitit asks Slurm for (USR2 unless SUBMITIT_PREEMPT_SIGNAL names another)
+    usr = signal.Signals["SIG" + env.USR_SIG]
     if usr in received:
         handler = signal.getsignal(usr)
         if isinstance(getattr(handler, "__self__", None), SignalHandler):

@@ -35,7 +35,16 @@ def check_partition(args):
     parts = cli.partitions()
     if parts is None:
         return None
-    names = _named_partitions(args, parts)
+    if args.partition:  # all of them known to Slurm
+        names = [n.strip() for n in args.partition.split(",") if n.strip()]
+        unknown = [n for n in names if n not in parts]
+        if unknown:
+            raise UserError(f"unknown partition {unknown[0]!r}; this cluster has: {', '.join(sorted(parts))}")
+    else:  # the cluster's default one
+        names = [n for n, f in parts.items() if f.get("Default") == "YES"][:1]
+        if not names:
+            raise UserError(f"this cluster has no default partition; pass --partition "
+                            f"({', '.join(sorted(parts))})")
     resources = {name: cli.node_resources(name) for name in names}  # sinfo, once per partition
     if args.gpus_per_node < 0:  # not given: CPU-only partitions get no GPU request
         if all(r is not None and not r[2] for r in resources.values()):
@@ -45,21 +54,6 @@ def check_partition(args):
     problems = [_partition_problem(args, name, parts[name], resources[name]) for name in names]
     if all(problems):
         raise UserError(problems[0])
-    return names
-
-
-def _named_partitions(args, parts):
-    """The partitions --partition names (all known to Slurm), else the cluster's default one."""
-    if args.partition:
-        names = [n.strip() for n in args.partition.split(",") if n.strip()]
-        unknown = [n for n in names if n not in parts]
-        if unknown:
-            raise UserError(f"unknown partition {unknown[0]!r}; this cluster has: {', '.join(sorted(parts))}")
-        return names
-    names = [n for n, f in parts.items() if f.get("Default") == "YES"][:1]
-    if not names:
-        raise UserError(f"this cluster has no default partition; pass --partition "
-                        f"({', '.join(sorted(parts))})")
     return names
 
 

@@ -7,7 +7,6 @@ import sys
 import time
 
 from util import runs
-from util.atomic import atomic_write_json, missing_dirs
 from util.errors import UserError
 
 JOB_RECORD = "job.json"
@@ -36,8 +35,9 @@ def resolve_run(margs, args, kind, world_size):
 def resolve_new_run(margs, args, kind, world_size):
     """resolve_run, plus the folders it made (deepest first, the run directory itself when it is
     empty): what to remove again when nothing gets submitted."""
+    from models.atomic import missing_dirs  # not at import: the cheap checks load no models/
     made = missing_dirs(margs.output_dir or args.job_dir or
-                        os.path.join(getattr(margs, "runs_root", None) or runs.DEFAULT_ROOT, kind))
+                        os.path.join(margs.runs_root or runs.DEFAULT_ROOT, kind))
     run_dir, folder = resolve_run(margs, args, kind, world_size)
     return run_dir, folder, ([] if os.listdir(run_dir) else [run_dir]) + made
 
@@ -52,6 +52,7 @@ def record_job(run_dir, args, job, **what):
     if not what:
         what = {"command": shlex.join(sys.argv)}
     os.makedirs(os.path.dirname(job_record_path(run_dir)), exist_ok=True)
+    from models.atomic import atomic_write_json
     atomic_write_json(job_record_path(run_dir), {
         "cluster": args.cluster, "job_id": str(job.job_id), "job_folder": str(job.paths.folder),
         "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **what,

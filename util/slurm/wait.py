@@ -53,8 +53,21 @@ def wait_until_over(cluster, job_id, job=None, poll_s=1.0, stop=None, on_state=N
     `on_state(state)` hears each new Slurm state."""
     def stopped():
         return stop is not None and stop.is_set()
-    if cluster == "slurm":
-        return _poll_slurm(job_id, poll_s, stopped, on_state, unknown_s)
+    if cluster == "slurm":  # squeue/sacct (util/slurm/cli.slurm_state says why not submitit's watcher)
+        last, unknown_since = None, None
+        while True:
+            state = slurm_state(job_id) or "UNKNOWN"
+            if on_state is not None and state != last:
+                on_state(state)
+            last = state
+            if state in FINAL_STATES:
+                return state
+            unknown_since = (unknown_since or time.time()) if state == "UNKNOWN" else None
+            if unknown_since and time.time() - unknown_since > unknown_s:  # squeue forgot it, no sacct
+                return "UNKNOWN"
+            if stopped():
+                return None
+            time.sleep(poll_s)
     if job is None:  # a local job that another process started
         while pid_alive(job_id):
             if stopped():
@@ -71,24 +84,6 @@ def wait_until_over(cluster, job_id, job=None, poll_s=1.0, stop=None, on_state=N
         return "COMPLETED"
     except Exception:
         return "FAILED"
-
-
-def _poll_slurm(job_id, poll_s, stopped, on_state, unknown_s):
-    """squeue/sacct until a final state (util/slurm/cli.slurm_state says why not submitit's watcher)."""
-    last, unknown_since = None, None
-    while True:
-        state = slurm_state(job_id) or "UNKNOWN"
-        if on_state is not None and state != last:
-            on_state(state)
-        last = state
-        if state in FINAL_STATES:
-            return state
-        unknown_since = (unknown_since or time.time()) if state == "UNKNOWN" else None
-        if unknown_since and time.time() - unknown_since > unknown_s:  # squeue forgot it, no sacct
-            return "UNKNOWN"
-        if stopped():
-            return None
-        time.sleep(poll_s)
 
 
 def wait_for(job, args, run_dir, poll_s=1.0, out=None):
@@ -115,7 +110,7 @@ def wait_for(job, args, run_dir, poll_s=1.0, out=None):
 
 def error_line(job, run_dir):
     """The most useful one line about why the job failed: run.json's reason (main and the
-    Trainer record it), else an `error: ...` line or the exception in the job's log."""
+    Job record it), else an `error: ...` line or the exception in the job's log."""
     try:
         record = runs.RunRecord.load(run_dir) or {}
     except UserError:

@@ -3,6 +3,8 @@
 A reader (or a run resumed after SIGKILL) sees either the old file or the new one, never half.
 A save streams into its temporary file: no copy of the whole content is built in memory first.
 """
+# the one writer of models/ and util/: at the bottom layer, as weight export (models/weights.py) writes
+# files too; `import models` stays cheap (no torch), so the cheap checks may write with it
 import contextlib
 import json
 import os
@@ -13,19 +15,24 @@ import threading
 
 @contextlib.contextmanager
 def atomic_file(path):
-    """Yield a binary file open on a new temporary next to `path`; when the block ends without
-    an exception, flush, fsync and rename it over `path`, then fsync the folder. On any failure
-    (a full disk, an exception, KeyboardInterrupt) the temporary is removed and `path` is left
-    as it was."""
+    """Yield a binary file open on a new temporary next to `path` (its `name` is the temporary's
+    path, for writers that take a path); when the block ends without an exception, flush, fsync
+    and rename it over `path`, then fsync the folder. On any failure (a full disk, an exception,
+    KeyboardInterrupt) the temporary is removed and `path` is left as it was."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        os.fchmod(fd, _open_mode(path))  # mkstemp makes 0600: colleagues could not read the file
-        with os.fdopen(fd, "wb") as f:
+        try:  # the mode a plain open(path, "w") leaves, not mkstemp's 0600: an existing file's own
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:  # a new file: 0o666 less the umask
+            mode = 0o666 & ~_umask()
+        os.fchmod(fd, mode)
+        os.close(fd)
+        with open(tmp, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # also what a writer given f.name wrote: same file
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -33,12 +40,7 @@ def atomic_file(path):
         except FileNotFoundError:
             pass
         raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder):
-    """Make the rename itself durable (where the file system allows a folder to be fsynced)."""
-    try:
+    try:  # make the rename itself durable, where the file system allows a folder to be fsynced
         dfd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -51,15 +53,6 @@ def _fsync_folder(folder):
 def atomic_write_bytes(path, data: bytes):
     with atomic_file(path) as f:
         f.write(data)
-
-
-def _open_mode(path):
-    """The mode a plain open(path, "w") would leave: an existing file keeps its own, a new one
-    gets 0o666 less the umask."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return 0o666 & ~_umask()
 
 
 _umask_lock = threading.Lock()
@@ -91,8 +84,8 @@ def atomic_write_json(path, obj):
 
 def atomic_torch_save(obj, path):
     """torch.save straight into the temporary file: the checkpoint is never held whole in host
-    memory (a BytesIO and its getvalue() were two extra copies, ~20 GB for convnextv2_huge with
-    AdamW and EMA). A failed write raises its OSError (ENOSPC, EFBIG), as a write of bytes does."""
+    memory (~20 GB for convnextv2_huge with AdamW and EMA). A failed write raises its OSError
+    (ENOSPC, EFBIG), as a write of bytes does."""
     import torch
     with atomic_file(path) as f:
         try:
@@ -100,21 +93,12 @@ def atomic_torch_save(obj, path):
         except RuntimeError as e:
             # torch's zip writer, closed after a failed write, fails again with a RuntimeError
             # ("unexpected pos") that hides the OSError which caused it
-            cause = _os_error_in(e)
+            cause = e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
             if cause is None:
                 raise
             raise cause from None
-
-
-def _os_error_in(e):
-    """The first OSError among the exceptions `e` was raised while handling, if any."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__context__
-    return None
 
 
 def missing_dirs(path):
