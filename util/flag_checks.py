@@ -194,6 +194,28 @@ def optimizer(args):
     return f"--opt {args.opt!r} is not an optimizer timm knows ({hint}; lookahead_<name> adds Lookahead)"
 
 
+def mean_std(args):
+    """one value per --in_chans band each (--std above 0), or left out"""
+    for name in ("mean", "std"):
+        values = getattr(args, name)
+        if values is not None and len(values) != args.in_chans:
+            return (f"--{name} {_show(values)} gives {len(values)} values for --in_chans {args.in_chans}; give one "
+                    f"per band (or leave --mean and --std out: 0.5 per band)")
+    if args.std is not None and min(args.std) <= 0:
+        return f"--std {_show(args.std)} must be above 0 for every band"
+    return None
+
+
+def rgb_augment(args):
+    """RandAugment and colour jitter with --in_chans 3 only (they are defined on RGB images)"""
+    aa = args.aa not in (None, "", "none", "None")
+    if args.in_chans == 3 or not (aa or args.color_jitter):
+        return None
+    what = " and ".join(w for w, on in (("--aa " + str(args.aa), aa), ("--color_jitter", args.color_jitter)) if on)
+    return (f"{what} work on RGB images only, not on --in_chans {args.in_chans} bands; "
+            "pass --aa none --color_jitter 0")
+
+
 def augment_policy(args):
     """a timm augmentation policy (RandAugment, AugMix, AutoAugment) or none"""
     aa = args.aa

@@ -108,7 +108,17 @@ TABLE = (
     _flag("data_path", "", str, "dataset: a folder with train/ and val/ class folders (image_folder, IMNET, "
                                 "CIFAR), a folder of tar shards and classes.json (wds) or the training CSV (csv)"),
     _flag("data_set", "IMNET", str, "the kind of dataset: {data_sets} (synthetic is built in)"),
-    _flag("imagenet_default_mean_and_std", True, str2bool, "normalise with ImageNet's mean and std (False: 0.5)"),
+    _flag("imagenet_default_mean_and_std", True, str2bool, "normalise 3-band images with ImageNet's mean and "
+                                                            "std (False: 0.5)"),
+    _flag("in_chans", 3, int, "bands per image: 1 grayscale, 3 RGB, 4 to 13 multispectral (files: images, "
+                              ".npy, .tif)", checks=(R(1),)),
+    _flag("mean", None, float, "per-band mean of the 0-1 data, one per --in_chans band (default: ImageNet's "
+                               "for 3 bands as --imagenet_default_mean_and_std says, 0.5 per band otherwise)",
+          nargs="+", metavar="M", checks=(Rule(fc.mean_std),)),
+    _flag("std", None, float, "per-band standard deviation of the 0-1 data, one per --in_chans band "
+                              "(default: as for --mean)", nargs="+", metavar="S"),
+    _flag("vflip", 0.0, float, "probability of flipping a training image upside down (aerial and many "
+                               "medical images have no up)", checks=(R(0, 1),)),
     _flag("crop_pct", None, float, {FT: "evaluation centre-crop fraction (default 224/256 below 384 px)",
                                     PT: "evaluation centre-crop fraction; not used by pretraining, which "
                                         "does not evaluate (default: none)"},
@@ -211,7 +221,7 @@ TABLE = (
     _flag("color_jitter", None, float, "colour jitter factor (default: none)",
           checks=(R(0, hint=" (or left out)"),), **_ft),
     _flag("aa", "rand-m9-mstd0.5-inc1", str, "RandAugment policy (timm); none to disable",
-          checks=(Rule(fc.augment_policy, needs_torch=True),), **_ft),
+          checks=(Rule(fc.rgb_augment), Rule(fc.augment_policy, needs_torch=True)), **_ft),
     _flag("smoothing", 0.1, float, "label smoothing", checks=(R(0, 1, high_open=True),), **_ft),
     _flag("bce_loss", False, str2bool, "binary cross-entropy per class instead of softmax cross-entropy "
                                        "(timm's BinaryCrossEntropy; with mixup, cutmix and --smoothing)", **_ft),

@@ -5,7 +5,6 @@ in a uint8 tensor: normalisation and random erasing then run on the device
 from torchvision import transforms
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
 def posterize_zero_bits_safe(img, bits_to_keep, **kw):
@@ -52,8 +51,12 @@ def _draft(transform, args):
 
 
 def mean_std(args):
-    return ((IMAGENET_MEAN, IMAGENET_STD) if args.imagenet_default_mean_and_std
-            else (INCEPTION_MEAN, INCEPTION_STD))
+    """Per-band (mean, std) of the 0-1 data: --mean/--std, else ImageNet's (or 0.5) for 3 bands
+    as --imagenet_default_mean_and_std says, else 0.5 per band."""
+    mean, std = (0.5,) * args.in_chans, (0.5,) * args.in_chans
+    if args.in_chans == 3 and args.imagenet_default_mean_and_std:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    return tuple(args.mean or mean), tuple(args.std or std)
 
 
 def _to_tensor(uint8, mean, std):
