@@ -17,13 +17,15 @@ from util.trainer import Task
 
 
 def build_model(args, nb_classes):
-    """This run's classifier (also what the Slurm launcher's checkpoint check builds)."""
+    """This run's classifier (also what the Slurm launcher's checkpoint check builds), its stem
+    taking --in_chans bands (a timm model gets in_chans too)."""
     from models import create_model
     try:
         return create_model(args.model, num_classes=nb_classes, drop_path_rate=args.drop_path,
-                            head_init_scale=args.head_init_scale, grad_checkpointing=args.grad_checkpointing)
+                            head_init_scale=args.head_init_scale, grad_checkpointing=args.grad_checkpointing,
+                            in_chans=args.in_chans)
     except ModelError as e:
-        raise as_user_error(e, {"drop_path_rate": "--drop_path"}) from None
+        raise as_user_error(e, {"drop_path_rate": "--drop_path", "in_chans": "--in_chans"}) from None
 
 
 def build_mixup(args, nb_classes):
@@ -62,13 +64,15 @@ def load_finetune_weights(args, model):
     """Start from a checkpoint's weights: ours (fine-tune or FCMAE) or an official one into our
     ConvNeXt V2, or a timm model's own checkpoint into it (models.weights.load_into). Returns
     the run.json fields naming the source. Also timm's and Hugging Face's ConvNeXt V2 weights,
-    from torch or safetensors files or a Hugging Face folder."""
+    from torch or safetensors files or a Hugging Face folder. A stem of another band count (3-band
+    weights, --in_chans 4) is adapted by timm's adapt_input_conv, in one line said."""
     from models.weights import explain, load_into, read_folder_or_safetensors, select_state_dict
     from util.checkpoint import load_checkpoint
     try:
         ckpt = read_folder_or_safetensors(args.finetune)
         ckpt = load_checkpoint(args.finetune) if ckpt is None else ckpt
-        missing, unexpected = load_into(model, select_state_dict(ckpt, args.model_key, args.model_prefix))
+        missing, unexpected = load_into(model, select_state_dict(ckpt, args.model_key, args.model_prefix),
+                                        note=lambda line: info(f"--finetune {args.finetune}: {line}"))
     except ModelError as e:
         raise UserError(f"--finetune {args.finetune}: {explain(e, '--model')}") from None
     info(f"loaded {args.finetune}: missing keys {missing or 'none'}, unexpected keys {unexpected or 'none'}")

@@ -10,16 +10,18 @@ from util.trainer import Task
 
 # the arguments of models.create_fcmae and the flags that set them
 FLAGS = {"mask_ratio": "--mask_ratio", "decoder_depth": "--decoder_depth",
-         "decoder_embed_dim": "--decoder_embed_dim"}
+         "decoder_embed_dim": "--decoder_embed_dim", "in_chans": "--in_chans"}
 
 
 def build_model(args):
-    """This run's FCMAE (also what the Slurm launcher's checkpoint check builds)."""
+    """This run's FCMAE (also what the Slurm launcher's checkpoint check builds): --in_chans bands
+    in, p x p x bands values predicted per patch."""
     from models import create_fcmae
     try:
         return create_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth,
                             decoder_embed_dim=args.decoder_embed_dim, norm_pix_loss=args.norm_pix_loss,
-                            img_size=args.input_size, grad_checkpointing=args.grad_checkpointing)
+                            img_size=args.input_size, grad_checkpointing=args.grad_checkpointing,
+                            in_chans=args.in_chans)
     except ModelError as e:
         raise as_user_error(e, FLAGS) from None
 
@@ -60,26 +62,20 @@ class PretrainTask(Task):
         from util.data import mean_std
         if self.vis_images is None:
             from util.data import build_dataset
-            vis_set, _ = build_dataset(True, args, transform=_vis_transform(args))
+            from util.data.transforms import build_vis_transform
+            vis_set, _ = build_dataset(True, args, transform=build_vis_transform(args))
             self.vis_images = torch.stack([vis_set[i][0] for i in range(min(8, len(vis_set)))]).to(self.dist.device)
         with models.amp.autocast():
             grid = reconstruction_grid(models.unwrapped, self.vis_images, *mean_std(args), args.mask_ratio)
         tb.image("reconstruction (original / masked / reconstructed)", grid, epoch)
 
 
-def _vis_transform(args):
-    from torchvision import transforms
-
-    from util.data import mean_std
-    mean, std = mean_std(args)
-    return transforms.Compose([transforms.Resize(args.input_size), transforms.CenterCrop(args.input_size),
-                               transforms.ToTensor(), transforms.Normalize(mean, std)])
-
-
 @torch.no_grad()
 def reconstruction_grid(model, images, mean, std, mask_ratio, seed=0):
     """Rows of (original, masked input, reconstruction with the visible patches pasted back),
-    as one [3, H', W'] image in [0, 1] for TensorBoard. The same mask each time (seeded)."""
+    as one [3, H', W'] image in [0, 1] for TensorBoard: bands 1-3 as RGB, or band 1 as grey
+    with fewer than 3 bands, each unnormalised with its own `mean`/`std`. The same mask each
+    time (seeded)."""
     import torchvision
     was_training = model.training
     model.eval()
@@ -98,8 +94,9 @@ def reconstruction_grid(model, images, mean, std, mask_ratio, seed=0):
     m = mask[..., None]
     recon = model.unpatchify(pred * m + target * (1 - m), grid)
     masked = model.unpatchify(target * (1 - m), grid)
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    rows = [(t * std + mean).clamp(0, 1) for t in (images, masked, recon)]
+    shown = 3 if images.shape[1] >= 3 else 1
+    mean = torch.tensor(mean[:shown], device=images.device).view(1, shown, 1, 1)
+    std = torch.tensor(std[:shown], device=images.device).view(1, shown, 1, 1)
+    rows = [(t[:, :shown] * std + mean).clamp(0, 1).expand(-1, 3, -1, -1) for t in (images, masked, recon)]
     model.train(was_training)
     return torchvision.utils.make_grid(torch.cat(rows).float().cpu(), nrow=n, padding=2)

@@ -14,6 +14,7 @@ SIMD resize over all crops; the drafted crops: mean absolute difference in 0-255
 per-channel mean and std of both).
 
     python -m benchmarks.bench_data [--data_path DIR] [--workers 1 2] [--input_size 224] [--json]
+    python -m benchmarks.bench_data --bands 4 [--workers 1 2]   # uint16 .npy, 4 bands (issue 23)
 
 Without --data_path a temporary set is written by benchmarks/make_bench_images.py.
 """
@@ -191,6 +192,33 @@ def run(data_path, workers=(1, 2), input_size=224, rounds=3):
     return out
 
 
+def run_bands(workers=(1, 2), input_size=224, rounds=3, bands=4, images=256, side=256):
+    """Images per second per worker of the fine-tuning training pipeline on `images` uint16 .npy
+    files of `bands` bands (`side` px square, [C, H, W]): read, scaled to 0-1, cropped, flipped,
+    normalised and erased in the workers (`float`), or left for the device (`device`)."""
+    from util.data import build_dataset, build_transform
+    from main_finetune import get_args_parser
+    from util.config import parse_args
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    out = {"images": images, "bands": bands, "side": side, "input_size": input_size, "rounds": rounds,
+           "cpu": _cpu_name(), "cores": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(images):
+            folder = os.path.join(d, "train", f"c{i % 4}")
+            os.makedirs(folder, exist_ok=True)
+            np.save(os.path.join(folder, f"{i}.npy"), rng.integers(0, 65536, (bands, side, side), dtype=np.uint16))
+        a = parse_args(get_args_parser(), ["--data_set", "image_folder", "--data_path", d, "--in_chans", str(bands),
+                                           "--input_size", str(input_size), "--aa", "none"])
+        sets = {name: build_dataset(True, a, transform=build_transform(True, a, uint8=dev))[0]
+                for name, dev in (("float", False), ("device", True))}
+        for w in workers:
+            times = time_loaders(sets, w, rounds)
+            for name in sets:
+                out[f"workers_{w}_{name}_img_per_s_per_worker"] = round(images / statistics.median(times[name]) / max(w, 1), 1)
+    return out
+
+
 def run_on(data_path=None, images=256, **kw):
     """`run` on `data_path`, or on a temporary benchmark set of `images` training JPEGs."""
     if data_path:
@@ -207,9 +235,13 @@ def main(argv=None):
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--bands", type=int, default=None, help="time N-band uint16 .npy files instead (4: the issue's)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    out = run_on(a.data_path, a.data_images, workers=a.workers, input_size=a.input_size, rounds=a.rounds)
+    if a.bands:
+        out = run_bands(a.workers, a.input_size, a.rounds, a.bands, a.data_images)
+    else:
+        out = run_on(a.data_path, a.data_images, workers=a.workers, input_size=a.input_size, rounds=a.rounds)
     print(json.dumps(out) if a.json else "\n".join(f"{k:40s} {v}" for k, v in out.items()))
 
 

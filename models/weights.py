@@ -14,11 +14,13 @@ Files: torch (`.pth`, `.pt`, `.bin`; `read_torch_file`, the suite's one weights-
 `pytorch_model.bin`).
 Anything it cannot place is an error, not a silently skipped key. These conversions apply to
 our `ConvNeXtV2` only: a timm model (`--model resnet18`, timm's own `convnextv2_*`) already uses
-its own names, so its checkpoints only lose wrapper prefixes (see `fit`).
+its own names, so its checkpoints only lose wrapper prefixes (see `fit`). A stem for another
+number of bands (3-band weights, a 4-band model) is adapted with timm's `adapt_input_conv`.
 
 Out (`convert --to`): ours (`{"model": ...}`), timm, hf (a folder `from_pretrained` loads) and
 official (a FCMAE encoder in the released layout, GRN [1, dim], that the original fine-tuning
-code maps back without loss); OUT ending in `.safetensors` writes safetensors.
+code maps back without loss); OUT ending in `.safetensors` writes safetensors. The number of
+bands travels (the stem's shape; timm's `in_chans`, Hugging Face's `num_channels`).
 
 `select_state_dict` picks the weights out of a checkpoint as fine-tuning does (key, prefix).
 Errors are `ModelError`s naming the arguments, not the scripts' flags (models/errors.py).
@@ -387,22 +389,54 @@ def check_fit(own, sd, head=("head.",), allowed_missing=("head.", "norm."), vari
     return placed
 
 
-def fit(model, sd):
+def first_conv_keys(model):
+    """The weight names of the model's input convolution: ours `downsample_layers.0.0.weight`,
+    a timm model's as its `pretrained_cfg['first_conv']` names it (`stem.0`, `conv1`, ...)."""
+    if is_ours(model):
+        return ("downsample_layers.0.0.weight",)
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    names = [names] if isinstance(names, str) else list(names or ())
+    return tuple(f"{n}.weight" for n in names)
+
+
+def adapt_stem(own, sd, keys, note=None):
+    """`sd` with its input convolution (`keys`) made to take the model's (`own`) number of bands
+    when only that differs (3-band weights into a 4-band stem, or into a 1-band one): timm's
+    `adapt_input_conv`, as timm's own pretrained loading does (the bands' weights repeated and
+    scaled by old / new; for one band, summed). `note(line)` is told each adaptation."""
+    sd = dict(sd)
+    for key in keys:
+        w, mine = sd.get(key), own.get(key)
+        if w is None or mine is None or w.dim() != 4 or mine.dim() != 4 or w.shape[1] == mine.shape[1] \
+                or w.shape[0] != mine.shape[0] or w.shape[2:] != mine.shape[2:]:
+            continue
+        from timm.models import adapt_input_conv  # timm only here (a slow import)
+        old, new = w.shape[1], mine.shape[1]
+        sd[key] = adapt_input_conv(new, w, base_chans=old)
+        if note is not None:
+            how = "summed over its bands" if new == 1 else f"its bands repeated and scaled by {old}/{new}"
+            note(f"the checkpoint's stem {key} takes {old} bands, the model {new}: adapted with timm's "
+                 f"adapt_input_conv ({how})")
+    return sd
+
+
+def fit(model, sd, note=None):
     """The entries of checkpoint state dict `sd` that go into `model` (see `check_fit`): ours
     may lack its head and final norm (a FCMAE encoder has neither), any model its classifier.
     Ours takes every format `encoder_state_dict` does; from any other model's checkpoint only
     wrapper prefixes come off: the ConvNeXt V2 renames would break keys that are already right
-    (timm's `mlp.grn.weight` is [dim], LeViT's `.linear.` is a real module name)."""
-    ours = is_ours(model)
-    sd = encoder_state_dict(sd) if ours else _strip_wrappers(dict(sd), own=model.state_dict())
-    return check_fit(model.state_dict(), sd, classifier_prefixes(model), ("head.", "norm.") if ours else (),
-                     variants=ours)
+    (timm's `mlp.grn.weight` is [dim], LeViT's `.linear.` is a real module name). A stem for
+    another number of bands is adapted (`adapt_stem`; `note(line)` is told)."""
+    ours, own = is_ours(model), model.state_dict()
+    sd = encoder_state_dict(sd) if ours else _strip_wrappers(dict(sd), own=own)
+    sd = adapt_stem(own, sd, first_conv_keys(model), note)
+    return check_fit(own, sd, classifier_prefixes(model), ("head.", "norm.") if ours else (), variants=ours)
 
 
-def load_into(model, sd):
-    """Load `sd` into `model`, non-strictly, after `fit`. Returns (missing, unexpected): the
-    model's keys the checkpoint did not fill, and the reverse."""
-    result = model.load_state_dict(fit(model, sd), strict=False)
+def load_into(model, sd, note=None):
+    """Load `sd` into `model`, non-strictly, after `fit` (`note(line)`: told of an adapted stem).
+    Returns (missing, unexpected): the model's keys the checkpoint did not fill, and the reverse."""
+    result = model.load_state_dict(fit(model, sd, note), strict=False)
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
@@ -450,11 +484,11 @@ def checked_ours(sd):
 
 
 def to_timm_state_dict(ours):
-    """timm's names for `ours` (the same model name and classes in timm)."""
+    """timm's names for `ours` (the same model name, classes and bands in timm)."""
     import timm
     from timm.models.convnext import checkpoint_filter_fn
     with torch.device("meta"):
-        reference = timm.create_model(ours.name, num_classes=ours.num_classes)
+        reference = timm.create_model(ours.name, num_classes=ours.num_classes, in_chans=ours.in_chans)
     return checkpoint_filter_fn(ours.state_dict, reference)
 
 
@@ -531,16 +565,20 @@ def convert(src, dst, to, model_key=DEFAULT_MODEL_KEY, labels_file=None):
         save_weights(to_official_state_dict(ours), dst, key="model")
         if flat:
             return "the original release's code reads torch files: for it, write OUT as .pt"
-        return "the original release's fine-tuning code takes it (head and final norm start fresh)"
+        bands = "" if ours.in_chans == 3 else f", its model built with in_chans={ours.in_chans}"
+        return f"the original release's fine-tuning code takes it (head and final norm start fresh{bands})"
     if to == "timm":
         save_weights(to_timm_state_dict(ours), dst)
-        n = ours.num_classes
+        n, c = ours.num_classes, ours.in_chans
+        # bands other than 3: the model's in_chans, and the file's in the overlay's input_size
+        # (else timm would take the file for a 3-band one and warn, or adapt it)
+        chans, size = ("", "") if c == 3 else (f"in_chans={c}, ", f", input_size=({c}, 224, 224)")
         if n:
-            how = f"num_classes={n}, pretrained_cfg_overlay=dict(file={str(dst)!r}, num_classes={n})"
+            how = f"num_classes={n}, {chans}pretrained_cfg_overlay=dict(file={str(dst)!r}, num_classes={n}{size})"
         else:  # encoder only: timm loads non-strictly (head and final norm fresh) when the model's
             # num_classes differs from the file's; N=0 (features only): leave out the overlay's 0
-            how = (f"num_classes=<yours, 1 or more>, pretrained_cfg_overlay=dict(file={str(dst)!r}, "
-                   "num_classes=0)")
+            how = (f"num_classes=<yours, 1 or more>, {chans}pretrained_cfg_overlay=dict(file={str(dst)!r}, "
+                   f"num_classes=0{size})")
         return f"load it with timm.create_model({ours.name!r}, pretrained=True, {how})"
     if to != "hf":
         raise ModelError(f"unknown format to={to!r}; choose one of {', '.join(FORMATS_OUT)}")

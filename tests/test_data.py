@@ -18,7 +18,7 @@ def make_args(**kw):
                 color_jitter=None, train_interpolation="bicubic", reprob=0.0, remode="pixel", recount=1,
                 crop_pct=None, imagenet_default_mean_and_std=True, synthetic_train_samples=40,
                 synthetic_val_samples=20, synthetic_classes=10, synthetic_seed=0, jpeg_draft=False,
-                scale=[0.08, 1.0])
+                scale=[0.08, 1.0], in_chans=3, mean=None, std=None, vflip=0.0)
     base.update(kw)
     return argparse.Namespace(**base)
 

@@ -53,7 +53,8 @@ def lists(tmp_path_factory):
 
 def _args(d, **kw):
     base = dict(data_set="csv", data_path=str(d / "lists" / "train.csv"),
-                eval_data_path=str(d / "lists" / "val.csv"), disable_eval=False, eval=False, jpeg_draft=False)
+                eval_data_path=str(d / "lists" / "val.csv"), disable_eval=False, eval=False, jpeg_draft=False,
+                in_chans=3)
     base.update(kw)
     return argparse.Namespace(**base)
 

@@ -1,5 +1,5 @@
 """Exact resume: a run stopped by SIGTERM mid-epoch and started again ends with the same
-weights, bit for bit, as a run that never stopped (CPU; 1 and 2 processes)."""
+weights, bit for bit, as a run that never stopped (CPU; 1 and 2 processes; RGB and 4 bands)."""
 import signal
 
 import pytest
@@ -14,6 +14,8 @@ ARGS = TINY + ["--synthetic_train_samples", "192", "--epochs", "2", "--batch_siz
                "--drop_path", "0.1", "--warmup_epochs", "1", "--model_ema", "True", "--model_ema_decay", "0.9"]
 # batches finished on the device (uint8 from the workers), with what is random there: erasing, mixup
 DEVICE = ["--device_transforms", "true", "--reprob", "0.5", "--mixup", "0.8", "--cutmix", "1.0"]
+# four bands of float data (the built-in set's, only the last band carrying the class), flipped both ways
+BANDS = ["--in_chans", "4", "--vflip", "0.5", "--reprob", "0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +33,9 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("nproc,sig,extra", [(1, signal.SIGTERM, []), (2, signal.SIGTERM, []),
-                                             (1, signal.SIGUSR2, []), (1, signal.SIGTERM, DEVICE),
-                                             (2, signal.SIGTERM, DEVICE)],
-                         ids=["1proc", "2proc", "1proc-usr2", "1proc-device", "2proc-device"])
+                                             (1, signal.SIGUSR2, BANDS), (1, signal.SIGTERM, DEVICE),
+                                             (2, signal.SIGTERM, DEVICE + BANDS)],
+                         ids=["1proc", "2proc", "1proc-usr2-bands", "1proc-device", "2proc-device-bands"])
 def test_preempted_run_resumes_bit_identical(tmp_path, reference, nproc, sig, extra):
     ref = reference(nproc, extra)
     args = ARGS + extra

@@ -46,7 +46,8 @@ def shards(tmp_path_factory):
 
 
 def _args(path, **kw):
-    a = dict(data_set="wds", data_path=str(path), eval_data_path=None, input_size=32, disable_eval=False, eval=False)
+    a = dict(data_set="wds", data_path=str(path), eval_data_path=None, input_size=32, disable_eval=False, eval=False,
+             in_chans=3, jpeg_draft=False)
     return argparse.Namespace(**{**a, **kw})
 
 

@@ -153,6 +153,55 @@ def test_fcmae_encoder_to_hugging_face_model_and_timm(tmp_path):
         torch.testing.assert_close(timm_model.forward_features(x), expected, **TOL)
 
 
+def test_four_bands_travel_to_timm_and_hugging_face_and_back(tmp_path, capsys, caplog):
+    """A 4-band model (issue 23): --to timm loads into timm's model built as the printed line
+    says (in_chans=4: pretrained=True, nothing adapted), --to hf into transformers' with
+    num_channels 4; their 4-band models come back into ours; a 4-band FCMAE encoder too."""
+    import logging
+
+    import timm
+    from transformers import ConvNextV2ForImageClassification, ConvNextV2Model
+    name, x = "convnextv2_atto", torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    src = randomise(create_model(name, num_classes=10, in_chans=4))
+    torch.save({"model": src.state_dict()}, tmp_path / "ours.pth")
+    convert(tmp_path / "ours.pth", tmp_path / "timm.safetensors", "timm")
+    line = capsys.readouterr().out.strip()
+    assert "in_chans=4" in line and "input_size=(4, 224, 224)" in line
+    with caplog.at_level(logging.INFO, logger="timm"):
+        theirs = eval(re.search(r"load it with (timm\.create_model\(.*\))$", line).group(1), {"timm": timm}).eval()
+    assert not [r for r in caplog.records if "input conv" in r.getMessage() or "channel" in r.getMessage()]
+    convert(tmp_path / "ours.pth", tmp_path / "hf", "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_channels"] == 4
+    hf = ConvNextV2ForImageClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), src(x), **TOL)
+        torch.testing.assert_close(hf(pixel_values=x).logits, src(x), **TOL)
+    # the other way: timm's and transformers' 4-band models
+    config = hf_config(name)
+    config.num_channels = 4
+    witnesses = {"timm": randomise(timm.create_model(name, num_classes=10, in_chans=4), seed=3),
+                 "hf": randomise(ConvNextV2ForImageClassification(config), seed=5)}
+    save_weights(witnesses["timm"].state_dict(), str(tmp_path / "hub.safetensors"))
+    witnesses["hf"].save_pretrained(str(tmp_path / "witness"))
+    for kind, path in (("timm", tmp_path / "hub.safetensors"), ("hf", tmp_path / "witness")):
+        convert(path, tmp_path / f"back-{kind}.pth", "ours")
+        back = create_model(name, num_classes=10, in_chans=4).eval()
+        back.load_state_dict(torch.load(tmp_path / f"back-{kind}.pth", weights_only=True)["model"], strict=True)
+        with torch.no_grad():
+            want = witnesses[kind](x) if kind == "timm" else witnesses[kind](pixel_values=x).logits
+            torch.testing.assert_close(back(x), want, **TOL)
+    # a 4-band FCMAE encoder -> ConvNextV2Model
+    fcmae = randomise(create_fcmae(name, decoder_embed_dim=32, in_chans=4))
+    torch.save({"model": fcmae.state_dict()}, tmp_path / "fcmae.pth")
+    convert(tmp_path / "fcmae.pth", tmp_path / "hf_encoder", "hf")
+    encoder = create_model(name, num_classes=0, in_chans=4).eval()
+    encoder.load_state_dict(fcmae.encoder.state_dict(), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ConvNextV2Model.from_pretrained(str(tmp_path / "hf_encoder")).eval()(
+            pixel_values=x).last_hidden_state, features(encoder, x), **TOL)
+
+
 def original_remap(ckpt):
     """The original release's fine-tuning key mapping (remap_checkpoint_keys, rewritten from its
     description in ../shared/reference/convnextv2-facts.md), then its lenient load: a tensor of

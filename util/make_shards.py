@@ -3,8 +3,8 @@
     python -m util.make_shards SRC OUT --shard_size 1000
 
 SRC holds `train/<class>/*` and, optionally, `val/<class>/*` (the same class folders). OUT gets
-`train-000000.tar`, ..., `val-000000.tar`, ... in the WebDataset layout (`<key>.jpg` or `.png`,
-the image file's own bytes, plus `<key>.cls`, the class index), each with its index
+`train-000000.tar`, ..., `val-000000.tar`, ... in the WebDataset layout (`<key>.jpg`, `.png`,
+`.npy`, `.tiff`, ...: the file's own bytes, plus `<key>.cls`, the class index), each with its index
 `<shard>.idx.json` (the samples' byte offsets), and `classes.json` (the class names sorted, as an
 image folder's). Each split's samples are shuffled once (--seed) so a
 shard mixes classes, which streaming readers need. Every shard is written atomically and
@@ -26,7 +26,7 @@ from util.data.wds import scan_shard, write_index
 from util.errors import UserError, user_errors
 
 EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".ppm": "ppm", ".pgm": "pgm",
-              ".bmp": "bmp", ".tif": "tiff", ".tiff": "tiff"}
+              ".bmp": "bmp", ".tif": "tiff", ".tiff": "tiff", ".npy": "npy"}
 
 
 def list_split(root, what):

@@ -28,7 +28,7 @@ _REGISTRY = {  # --data_set -> (its file of util/data, what its path flags name)
 DATA_SETS = tuple(_REGISTRY)
 
 _LAZY = {  # name -> the file of util/data that defines it (imported on first access)
-    "BadImageLog": "bad_images", "SeededTransform": "loaders", "TrainSampler": "loaders",
+    "BadImageLog": "bad_images", "load_bands": "bands", "SeededTransform": "loaders", "TrainSampler": "loaders",
     "build_eval_loader": "loaders", "build_train_loader": "loaders", "eval_indices": "loaders",
     "SyntheticShapes": "synthetic", "build_pretrain_transform": "transforms", "build_transform": "transforms",
     "mean_std": "transforms", "posterize_zero_bits_safe": "transforms"}

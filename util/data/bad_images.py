@@ -1,6 +1,8 @@
 """Unreadable images: the list of those met (`BadImageLog`) and the dataset behaviour that
 replaces one by the next readable image (`ReplacesUnreadable`), shared by every kind of dataset
-that reads image files (image folders, CSV file lists)."""
+that reads image files (image folders, CSV file lists, shards). A sample file that reads but
+cannot be used (NaN or infinity in float data, another band count than --in_chans: a
+util/data/bands.BadSample) counts as unreadable too."""
 import os
 import sys
 
@@ -72,10 +74,10 @@ class BadImageLog:
         if not os.path.exists(path):
             return []
         if still_unreadable is None:
-            from torchvision.datasets.folder import default_loader
+            from util.data.bands import BandLoader
 
             def still_unreadable(split, image):
-                return _file_still_unreadable(image, default_loader)
+                return _file_still_unreadable(image, BandLoader())
         kept, seen = [], set()
         for line in cls(path).entries():
             split, image, _ = cls.parse(line)
@@ -145,9 +147,10 @@ def bad_image_summary(train_set):
 
 
 def _load(loader, path, transform=None):
-    """The image, decoded now: PIL opens lazily, so a damaged file fails here, not in a transform.
-    With --jpeg_draft the transform decodes it itself (util/data/decode.py): the image stays
-    undecoded here, and a decoding error is an UnreadableImage from the transform."""
+    """The sample (util/data/bands.load_bands: an RGB image or a tensor of bands), decoded now:
+    PIL opens lazily, so a damaged file fails here, not in a transform. With --jpeg_draft the
+    transform decodes a Pillow image itself (util/data/decode.py): it stays undecoded here, and
+    a decoding error is an UnreadableImage from the transform."""
     sample = loader(path)
     if getattr(transform, "decodes", False):  # util/data/decode.draft_first's mark
         return sample

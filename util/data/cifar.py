@@ -5,8 +5,14 @@ from util.data.base import check_folder, require_data_path
 from util.errors import UserError
 
 
+def _rgb_only(args):
+    if args.in_chans != 3:
+        raise UserError(f"CIFAR-100 images have 3 bands (RGB), but --in_chans is {args.in_chans}; pass --in_chans 3")
+
+
 def build(is_train, args, transform):
     require_data_path(args)
+    _rgb_only(args)
     try:
         ds = datasets.CIFAR100(args.data_path, train=is_train, transform=transform, download=False)
     except RuntimeError as e:
@@ -21,3 +27,4 @@ def num_classes(args):
 
 def check(args):
     check_folder(args)
+    _rgb_only(args)

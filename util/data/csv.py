@@ -3,16 +3,17 @@
 Each file has a header row naming the columns `path` and `label` (in any order; other columns
 are ignored). A path is absolute or relative to the CSV file's folder; a label is a class name.
 The classes are the training file's labels sorted by name, as the class folders of an image
-folder; every validation label must be one of them. Unreadable images are replaced and logged
-as in an image folder (util/data/bad_images.py).
+folder; every validation label must be one of them. A listed file is an image Pillow reads, a
+`.npy` array or a TIFF file (util/data/bands.py). Unreadable images are replaced and logged as in
+an image folder (util/data/bad_images.py).
 """
 import csv
 import os
 
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import default_loader
 
 from util.data.bad_images import ReplacesUnreadable
+from util.data.bands import BandLoader, check_first, loader_for
 from util.data.base import CSV_FILES, needs_val, readable_file, require_data_path
 from util.errors import UserError
 
@@ -52,7 +53,7 @@ def _row(row, path, line, folder):
 class CsvImages(ReplacesUnreadable, Dataset):
     """The images of one file list; `classes` and `class_to_idx` as an ImageFolder's."""
 
-    def __init__(self, rows, classes, transform=None, loader=default_loader):
+    def __init__(self, rows, classes, transform=None, loader=BandLoader()):
         self.classes = list(classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples = [(image, self.class_to_idx[label]) for image, label, _ in rows]
@@ -87,10 +88,12 @@ def _val_rows(args, classes):
 
 
 def check(args):
-    """Reads the file lists (no image): columns, and validation classes known to training."""
-    classes = _train(args)[1]
+    """Reads the file lists: columns, validation classes known to training, and the first
+    sample of each list (its bands)."""
+    rows, classes = _train(args)
+    check_first(rows[0][0], args.in_chans, "training")
     if needs_val(args):
-        _val_rows(args, classes)
+        check_first(_val_rows(args, classes)[0][0], args.in_chans, "validation")
 
 
 def num_classes(args):
@@ -101,7 +104,6 @@ def build(is_train, args, transform):
     rows, classes = _train(args)
     if not is_train:
         rows = _val_rows(args, classes)
-    loader = default_loader
-    if args.jpeg_draft:  # files opened, not decoded; the transform decodes (util/data/decode.py)
-        from util.data.decode import open_lazily as loader
-    return CsvImages(rows, classes, transform, loader), len(classes)
+    check_first(rows[0][0], args.in_chans, "training" if is_train else "validation")
+    # with --jpeg_draft Pillow images are opened, not decoded; the transform decodes (util/data/decode.py)
+    return CsvImages(rows, classes, transform, loader_for(args)), len(classes)

@@ -1,7 +1,8 @@
 """Batches finished on the training device (--device_transforms), as timm's PrefetchLoader does.
 
 Loader workers then return uint8 images (decode, crop, flip, RandAugment: no float work on the
-CPU); `DeviceBatches` copies each batch to the device (`non_blocking`, from pinned memory on
+CPU), or float 0-1 ones for data that is not 8-bit RGB (16-bit, float or multi-band files: any
+number of bands); `DeviceBatches` copies each batch to the device (`non_blocking`, from pinned memory on
 CUDA, on a side stream one batch ahead), converts and normalises it there and applies random
 erasing. Mixup / cutmix already run on the device, in the task's loss. Whatever is random here is drawn from each image's own
 sample seed (util/data/loaders.TrainSampler), not from a process-wide generator, so a batch's
@@ -83,16 +84,21 @@ class RandomErasingBySample:
         return torch.zeros((shape[0], 1, 1), device=img.device, dtype=img.dtype)
 
 
+def _per_band(values, scale, device):
+    """[1, bands, 1, 1] float32 on `device`: `values` times `scale` (computed in Python's double)."""
+    return torch.tensor([scale * v for v in values], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+
 class DeviceBatches:
-    """Iterates a DataLoader of uint8 batches `(images, targets[, sample seeds])` and yields
-    `[images, targets]` on `device`: images float32, normalised with `mean`/`std` (0-1 units),
-    erased by `erasing` (which needs the seeds). Everything else (len, sampler, batch_size)
-    is the loader's."""
+    """Iterates a DataLoader of uint8 (0-255) or float (0-1) batches `(images, targets[, sample
+    seeds])` of any number of bands and yields `[images, targets]` on `device`: images float32,
+    normalised with the per-band `mean`/`std` (0-1 units), erased by `erasing` (which needs the
+    seeds). Everything else (len, sampler, batch_size) is the loader's."""
 
     def __init__(self, loader, device, mean, std, channels_last=False, erasing=None):
         self.loader, self.device, self.erasing = loader, device, erasing
-        self.mean = torch.tensor([255 * m for m in mean], device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor([255 * s for s in std], device=device).view(1, -1, 1, 1)
+        self.mean, self.std = _per_band(mean, 1, device), _per_band(std, 1, device)  # float batches, 0-1
+        self.mean255, self.std255 = _per_band(mean, 255, device), _per_band(std, 255, device)  # uint8, 0-255
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __len__(self):
@@ -130,7 +136,10 @@ class DeviceBatches:
     def finish(self, batch):
         images, targets, *seeds = batch
         x = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        x = x.float().sub_(self.mean).div_(self.std)
+        if x.dtype == torch.uint8:
+            x = x.float().sub_(self.mean255).div_(self.std255)
+        else:  # float 0-1 bands: a new tensor (on the CPU `to` may hand back the loader's own)
+            x = torch.sub(x.float(), self.mean).div_(self.std)
         if self.erasing is not None:
             if not seeds:
                 raise ValueError("random erasing on the device needs the loader's sample seeds")

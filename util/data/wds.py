@@ -1,8 +1,8 @@
 """--data_set wds: tar shards in the WebDataset layout, `--data_path OUT` as written by
 `python -m util.make_shards SRC OUT`: `OUT/train-000000.tar`, ..., `OUT/val-000000.tar`, ...
 (or the val shards in --eval_data_path) and `OUT/classes.json` (the class names, in label order).
-A sample is the members sharing a key: `<key>.jpg` (or .png, .webp, ...) and `<key>.cls` (the
-class index as text).
+A sample is the members sharing a key: `<key>.jpg` (or .png, .webp, ..., a `.npy` array or a
+`.tif`/`.tiff` file: util/data/bands.py reads it) and `<key>.cls` (the class index as text).
 
 The reader is an index over plain tar files (Python's tarfile, no dependency): at start each
 shard's headers are read once and every sample's image is located by its byte offset, so a
@@ -24,14 +24,14 @@ import os
 import tarfile
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 
 from util.data.bad_images import ReplacesUnreadable
+from util.data.bands import check_first, load_bands
 from util.data.base import check_folder, needs_val, readable_dir, require_data_path
 from util.errors import UserError
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "bmp", "tif", "tiff", "npy")
 SPLITS = {"train": "train-*.tar", "val": "val-*.tar"}
 MAKE = "python -m util.make_shards SRC OUT"
 WHAT = f"a folder of train-*.tar / val-*.tar shards and classes.json ({MAKE})"  # what --data_path names
@@ -127,7 +127,7 @@ def _pair(path, images, labels, n_classes, first_only):
         if first_only:
             break
     if not out and not first_only:
-        raise UserError(f"shard {path} holds no image samples (<key>.jpg/.png and <key>.cls); "
+        raise UserError(f"shard {path} holds no image samples (<key>.jpg/.png/.npy/.tif and <key>.cls); "
                         f"write it again with {MAKE}")
     return out
 
@@ -135,8 +135,8 @@ def _pair(path, images, labels, n_classes, first_only):
 class ShardSamples(ReplacesUnreadable, Dataset):
     """The samples of one split's shards, read by offset; `classes` and `targets` as an ImageFolder's."""
 
-    def __init__(self, paths, classes, transform=None):
-        self.paths, self.classes, self.transform = list(paths), list(classes), transform
+    def __init__(self, paths, classes, transform=None, in_chans=3):
+        self.paths, self.classes, self.transform, self.in_chans = list(paths), list(classes), transform, in_chans
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         rows = [(s, *r) for s, p in enumerate(self.paths) for r in read_shard(p, len(self.classes))]
         self.keys = [r[1] for r in rows]
@@ -162,16 +162,14 @@ class ShardSamples(ReplacesUnreadable, Dataset):
         return index is not None and not _readable(SampleRef(index, self), self.loader)
 
     def loader(self, ref):
-        """The image of sample `ref.index`, decoded now (a damaged one fails here; with --jpeg_draft opened only)."""
+        """The sample `ref.index` (util/data/bands.load_bands), decoded now (a damaged one fails
+        here; with --jpeg_draft a Pillow image is opened only: the transform decodes it)."""
         shard, offset, size = (int(v) for v in self.where[ref.index])
         data = os.pread(self._fd(shard), size, offset)
         if len(data) != size:
             raise OSError(f"short read ({len(data)} of {size} bytes)")
-        img = Image.open(io.BytesIO(data))
-        if getattr(self.transform, "decodes", False):  # --jpeg_draft: the transform decodes (util/data/decode.py)
-            return img
-        img.load()
-        return img.convert("RGB")
+        lazy = getattr(self.transform, "decodes", False)  # --jpeg_draft: util/data/decode.draft_first's mark
+        return load_bands(io.BytesIO(data), self.in_chans, name=ref, lazy=lazy)
 
     def _fd(self, shard):
         if self._pid != os.getpid():  # a forked worker: its own descriptors (the inherited closed here)
@@ -226,7 +224,9 @@ def _paths(args, is_train):
 def build(is_train, args, transform):
     require_data_path(args, WHAT)
     classes = read_classes(args.data_path)
-    ds = ShardSamples(_paths(args, is_train), classes, transform)
+    ds = ShardSamples(_paths(args, is_train), classes, transform, args.in_chans)
+    if len(ds):
+        _check_first(ds.paths[int(ds.where[0, 0])], *(int(v) for v in ds.where[0, 1:]), ds.keys[0], args, is_train)
     if is_train:
         missing = sorted(set(range(len(classes))) - set(ds.targets))
         if missing:
@@ -242,13 +242,25 @@ def num_classes(args):
     return len(read_classes(args.data_path))
 
 
+def _check_first(path, offset, size, key, args, is_train):
+    """A split's first sample read (util/data/bands.check_first): its bands, its file type."""
+    with open(path, "rb") as f:
+        data = os.pread(f.fileno(), size, offset)
+    check_first(io.BytesIO(data), args.in_chans, "training" if is_train else "validation", f"{path}:{key}")
+
+
 def check(args):
-    """classes.json, the shards of each split the run reads, and the first sample of each
-    shard (its header, image and label; the full index is read at the job's start)."""
+    """classes.json, the shards of each split the run reads, the first sample of each shard
+    (its header, image and label; the full index is read at the job's start) and the bands of
+    each split's first sample."""
     check_folder(args, WHAT)
     n = len(read_classes(args.data_path))
     for is_train in (True, False) if needs_val(args) else (True,):
-        for path in _paths(args, is_train):
-            if not scan_shard(path, n, first_only=True):
+        for i, path in enumerate(_paths(args, is_train)):
+            first = scan_shard(path, n, first_only=True)
+            if not first:
                 raise UserError(f"shard {path}: its first image has no label (<key>.cls); write the shards "
                                 f"again with {MAKE}")
+            if i == 0:
+                key, offset, size, _ = first[0]
+                _check_first(path, offset, size, key, args, is_train)
