@@ -1,9 +1,9 @@
 """Fine-tuning as a Task (util/trainer.py): the classes and model (ours or any timm model, from
---finetune weights, the first stages frozen with --freeze_stages), the loss of a batch (mixup /
-cutmix, label smoothing, --bce_loss), evaluation (top-1, top-5, top-1 per class, loss with
-exact distributed counts, the EMA too) and the best metric."""
-import argparse
-import os
+--finetune weights, the first stages frozen with --freeze_stages, or all of it under a new head
+with --linear_probe), the loss of a batch (mixup / cutmix, label smoothing, --bce_loss),
+evaluation (top-1, top-5, top-1 per class, loss with exact distributed counts, the EMA too) and
+the best metric."""
+import warnings
 
 import torch
 
@@ -21,11 +21,100 @@ def build_model(args, nb_classes):
     taking --in_chans bands (a timm model gets in_chans too)."""
     from models import create_model
     try:
-        return create_model(args.model, num_classes=nb_classes, drop_path_rate=args.drop_path,
-                            head_init_scale=args.head_init_scale, grad_checkpointing=args.grad_checkpointing,
-                            in_chans=args.in_chans)
+        model = create_model(args.model, num_classes=nb_classes, drop_path_rate=args.drop_path,
+                             head_init_scale=args.head_init_scale, grad_checkpointing=args.grad_checkpointing,
+                             in_chans=args.in_chans)
     except ModelError as e:
         raise as_user_error(e, {"drop_path_rate": "--drop_path", "in_chans": "--in_chans"}) from None
+    if args.linear_probe:
+        add_probe_head(model, args.model)
+    return model
+
+
+def classifier_name(model):
+    """The name of the model's classifier module: ours `head`, a timm model's get_classifier()."""
+    from models.weights import is_ours
+    if is_ours(model):
+        return "head"
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return next((n for n, m in model.named_modules() if n and m is head), None)
+
+
+def add_probe_head(model, model_name):
+    """--linear_probe, as MAE's main_linprobe.py: the classifier (a Linear) becomes
+    Sequential(BatchNorm1d(in_features, affine=False, eps=1e-6), that Linear), the only part that
+    trains; every other parameter gets no gradient (so no optimizer state, no decay)."""
+    from models.weights import PROBE_BN_EPS
+    name = classifier_name(model)
+    head = model.get_submodule(name) if name else getattr(model, "get_classifier", lambda: None)()
+    if name is None or not isinstance(head, torch.nn.Linear):
+        raise UserError(f"--linear_probe: the classifier of {model_name} is {type(head).__name__}, not a Linear "
+                        "layer; probe one of our ConvNeXt V2 models or a timm model with a Linear classifier")
+    parent, _, attr = name.rpartition(".")
+    model.requires_grad_(False)
+    probe = torch.nn.Sequential(torch.nn.BatchNorm1d(head.in_features, affine=False, eps=PROBE_BN_EPS), head)
+    probe.requires_grad_(True)
+    setattr(model.get_submodule(parent), attr, probe)
+
+
+def frozen_parts(module, head):
+    """The largest submodules of `module` that do not hold `head`: the frozen part of a probe."""
+    out = []
+    for child in module.children():
+        if child is head:
+            continue
+        if any(m is head for m in child.modules()):
+            out += frozen_parts(child, head)
+        else:
+            out.append(child)
+    return out
+
+
+def keep_frozen_in_eval(frozen):
+    """`model.train()` (each epoch's start) puts every module in training mode: the probe's frozen
+    parts go back to evaluation (no drop_path; a timm model's BatchNorm statistics stay as
+    loaded); only the head trains. Costs one attribute read per step."""
+    if frozen and frozen[0].training:
+        for part in frozen:
+            part.eval()
+
+
+def is_probe_state_dict(sd):
+    """A linear probe's weights: a classifier `<name>.0` BatchNorm without affine parameters
+    (running statistics, no weight) then `<name>.1` a Linear."""
+    return any(k.endswith(".0.running_var") and f"{k[:-14]}.1.weight" in sd and f"{k[:-14]}.0.weight" not in sd
+               for k in sd)
+
+
+def check_probe_checkpoint(args):
+    """A --resume checkpoint is a probe's exactly when --linear_probe is given; --eval of a
+    --finetune probe file needs --linear_probe (its head would otherwise start fresh). One line
+    before anything is written."""
+    from models.errors import ModelError
+    from models.weights import read_folder_or_safetensors, select_state_dict
+    from util.checkpoint import load_checkpoint
+    if args.resume:
+        sd = load_checkpoint(args.resume, mmap=True)
+        sd = sd.get("model") if isinstance(sd, dict) else None
+        if not isinstance(sd, dict):
+            return  # util/validate says what it is
+        if is_probe_state_dict(sd) and not args.linear_probe:
+            raise UserError(f"--resume {args.resume} is a linear probe's checkpoint (its head: BatchNorm, then "
+                            "Linear); pass --linear_probe True to resume or evaluate it (python -m models.weights "
+                            "convert makes it a plain classifier)")
+        if args.linear_probe and not is_probe_state_dict(sd):
+            raise UserError(f"--resume {args.resume} is not a linear probe's checkpoint; leave out --linear_probe "
+                            "to resume it, or probe its weights with --finetune")
+    elif args.eval and args.finetune and not args.linear_probe:
+        try:
+            ckpt = read_folder_or_safetensors(args.finetune)
+            ckpt = load_checkpoint(args.finetune, mmap=True) if ckpt is None else ckpt
+            sd = select_state_dict(ckpt, args.model_key, args.model_prefix)
+        except (ModelError, UserError):
+            return  # util/validate says what is wrong with it
+        if is_probe_state_dict(sd):
+            raise UserError(f"--finetune {args.finetune} is a linear probe's checkpoint; evaluating it needs "
+                            "--linear_probe True (without it, its head would start fresh)")
 
 
 def build_mixup(args, nb_classes):
@@ -71,17 +160,19 @@ def load_finetune_weights(args, model):
     try:
         ckpt = read_folder_or_safetensors(args.finetune)
         ckpt = load_checkpoint(args.finetune) if ckpt is None else ckpt
-        missing, unexpected = load_into(model, select_state_dict(ckpt, args.model_key, args.model_prefix),
-                                        note=lambda line: info(f"--finetune {args.finetune}: {line}"))
+        with warnings.catch_warnings():
+            if args.linear_probe:  # the probe's head is new by design: said below, not as a dropped head
+                warnings.filterwarnings("ignore", message="dropping the checkpoint's classifier head")
+            missing, unexpected = load_into(model, select_state_dict(ckpt, args.model_key, args.model_prefix),
+                                            note=lambda line: info(f"--finetune {args.finetune}: {line}"))
     except ModelError as e:
         raise UserError(f"--finetune {args.finetune}: {explain(e, '--model')}") from None
     info(f"loaded {args.finetune}: missing keys {missing or 'none'}, unexpected keys {unexpected or 'none'}")
-    src = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
-    src = vars(src) if isinstance(src, argparse.Namespace) else src  # official checkpoints
-    src = src if isinstance(src, dict) else {}
-    return {"finetune_from": os.path.abspath(args.finetune),
-            "finetune_from_signature": (ckpt.get("extra") or {}).get("signature") if isinstance(ckpt, dict) else None,
-            "finetune_from_model": src.get("model")}
+    if args.linear_probe:
+        info(f"linear probe: {args.finetune} frozen whole; only the head (BatchNorm without affine parameters, "
+             "then Linear) trains")
+    from util.checkpoint import source_fields
+    return source_fields(args.finetune, ckpt)
 
 
 def note_head_init_scale(args):
@@ -98,8 +189,12 @@ class FinetuneTask(Task):
     kind = "finetune"
     lower_is_better = False
 
+    frozen = ()  # --linear_probe: the frozen parts, kept in evaluation mode while training
+
     def __init__(self, args, dist):
         from util.data import build_dataset, build_eval_loader, build_transform, check_same_classes
+        if args.resume or args.eval:
+            check_probe_checkpoint(args)
         uint8 = on_device(args, dist.device)
         train_set, nb_classes = build_dataset(True, args, transform=build_transform(True, args, uint8))
         val_set = None
@@ -107,6 +202,14 @@ class FinetuneTask(Task):
             val_set = build_dataset(False, args, transform=build_transform(False, args, uint8))[0]
         if val_set is not None:
             check_same_classes(train_set, val_set)
+        if args.linear_probe:  # a classifier that cannot be probed: one line before a run directory is made
+            try:
+                with torch.device("meta"):  # shapes only: no memory, no init
+                    build_model(args, nb_classes)
+            except UserError:
+                raise
+            except Exception:  # a model that cannot be built shape-only: the real build decides
+                pass
         super().__init__(args, dist, train_set, val_set, nb_classes)
         self.best_name = "test_acc1_ema" if (args.model_ema and args.model_ema_eval) else "test_acc1"
         self.mixup_fn = build_mixup(args, nb_classes)
@@ -130,6 +233,9 @@ class FinetuneTask(Task):
         extra = {}
         if self.args.finetune:
             extra = load_finetune_weights(self.args, model)
+        elif self.args.linear_probe:
+            info("note: --linear_probe without --finetune probes randomly initialised weights (a random-features "
+                 "baseline); pass --finetune FILE to probe pretrained ones")
         else:
             note_head_init_scale(self.args)
         n = self.args.freeze_stages
@@ -140,6 +246,8 @@ class FinetuneTask(Task):
                                 "use a ConvNeXt (V2) model or --freeze_stages 0")
             for part in [*model.stages[:n], *(model.downsample_layers[:n] if ours else [model.stem])]:
                 part.requires_grad_(False)
+        if self.args.linear_probe:  # build_model made the head and froze the rest
+            self.frozen = frozen_parts(model, model.get_submodule(classifier_name(model)))
         return extra
 
     def make_ema(self, model):
@@ -154,6 +262,7 @@ class FinetuneTask(Task):
         return wd_schedule(self.args, updates)
 
     def loss(self, model, batch):
+        keep_frozen_in_eval(self.frozen)
         return classification_loss(model, batch, self.criterion, self.mixup_fn)
 
     def evaluate(self, models, epoch):

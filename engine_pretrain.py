@@ -1,11 +1,14 @@
-"""FCMAE pretraining as a Task (util/trainer.py): the model, the loss of a batch (masked patches
-reconstructed), the best metric (the lowest training loss) and the image grid people look at in
-TensorBoard to judge a run."""
+"""FCMAE pretraining as a Task (util/trainer.py): the model (fresh, or started from --finetune
+weights), the loss of a batch (masked patches reconstructed), the best metric (the lowest
+training loss) and the image grid people look at in TensorBoard to judge a run."""
+import re
+
 import torch
 
 from models.errors import ModelError
+from util.console import info
 from util.data.device_batches import on_device
-from util.errors import as_user_error
+from util.errors import UserError, as_user_error
 from util.trainer import Task
 
 # the arguments of models.create_fcmae and the flags that set them
@@ -24,6 +27,38 @@ def build_model(args):
                             in_chans=args.in_chans)
     except ModelError as e:
         raise as_user_error(e, FLAGS) from None
+
+
+def _and(parts):
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+def start_line(path, start):
+    """The one line that says what --finetune gave a pretraining run (models.weights.FcmaeStart)."""
+    verb = "starts" if len(start.fresh) == 1 else "start"
+    fresh = f"{_and(start.fresh)} {verb} fresh ({start.why_fresh})" if start.fresh else "nothing starts fresh"
+    unused = f"; the file's {_and(start.unused)} are not used" if start.unused else ""
+    adapted = f"; {start.adapted}" if start.adapted else ""
+    text = f"{_and(start.loaded)} loaded; {fresh}{unused}{adapted}"
+    return f"--finetune {path}: " + re.sub(r"\b(" + "|".join(FLAGS) + r")\b", lambda m: FLAGS[m.group(1)], text)
+
+
+def load_start_weights(args, model):
+    """Start a new pretraining run from --finetune weights (models.weights.fit_fcmae): the
+    encoder from any format fine-tuning reads, the decoder and mask token when the file has them
+    in this run's shapes, else fresh; one line says which. Returns the run.json fields."""
+    from models.weights import explain, fit_fcmae, read_folder_or_safetensors, select_state_dict
+    from util.checkpoint import load_checkpoint, source_fields
+    try:
+        ckpt = read_folder_or_safetensors(args.finetune)
+        ckpt = load_checkpoint(args.finetune) if ckpt is None else ckpt
+        start = fit_fcmae(model, select_state_dict(ckpt, args.model_key, args.model_prefix))
+    except ModelError as e:
+        raise UserError(f"--finetune {args.finetune}: {explain(e, '--model')}") from None
+    result = model.load_state_dict(start.state_dict, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys  # fit_fcmae placed the model's keys only
+    info(start_line(args.finetune, start))
+    return source_fields(args.finetune, ckpt)
 
 
 def masked_loss(model, batch, mask_ratio):
@@ -50,6 +85,10 @@ class PretrainTask(Task):
 
     def build_model(self):
         return build_model(self.args)
+
+    def prepare(self, model):
+        """--finetune: the weights to start from (a new run: epoch 0, its own schedule)."""
+        return load_start_weights(self.args, model) if self.args.finetune else {}
 
     def loss(self, model, batch):
         return masked_loss(model, batch, self.args.mask_ratio)

@@ -5,6 +5,7 @@
     python benchmarks/bench_train.py --data_pipeline --workers 0 1 2     # JPEG decode + augment
     python benchmarks/bench_train.py --startup                           # README demo: first step
     python benchmarks/bench_train.py --grad_checkpointing --model convnextv2_tiny --batch_size 8
+    python benchmarks/bench_train.py --linear_probe --model convnextv2_tiny --batch_size 8
 
 Contenders are timed round-robin (machine stalls hit all of them), each a median over rounds.
 Engines run through the real epoch loop (util/train_loop.train_one_epoch) with the tasks' own
@@ -465,13 +466,10 @@ def checkpointing_contenders(a):
     return contenders, device
 
 
-def bench_checkpointing(a):
-    """Step memory (the step's own: activations, gradients, temporaries) and step time with and
-    without --grad_checkpointing, timed round-robin as bench_engines."""
+def _step_time_and_memory(a, contenders, device):
+    """{<name>_step_s, <name>_step_mem_mb} of each contender: first steps, a measured warm-up,
+    then --rounds timed round-robin (as bench_engines)."""
     import contextlib
-    from util.speed import tune_allocator
-    tuned = tune_allocator(True) if not a.no_malloc_tuning else False
-    contenders, device = checkpointing_contenders(a)
     mem = PeakMemory(device)
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         for c in contenders:
@@ -485,12 +483,73 @@ def bench_checkpointing(a):
     for c in contenders:
         out[f"{c.name}_step_s"] = round(statistics.median(c.times) / a.steps, 4)
         out[f"{c.name}_step_mem_mb"] = round(c.step_mem / mb, 1) if c.step_mem is not None else None
+    return out
+
+
+def bench_checkpointing(a):
+    """Step memory (the step's own: activations, gradients, temporaries) and step time with and
+    without --grad_checkpointing, timed round-robin as bench_engines."""
+    from util.speed import tune_allocator
+    tuned = tune_allocator(True) if not a.no_malloc_tuning else False
+    contenders, device = checkpointing_contenders(a)
+    out = _step_time_and_memory(a, contenders, device)
     for kind in ("finetune", "pretrain"):
         plain, ckpt = kind, f"{kind}_grad_ckpt"
         out[f"{ckpt}_time_ratio"] = round(out[f"{ckpt}_step_s"] / out[f"{plain}_step_s"], 3)
         if out[f"{plain}_step_mem_mb"]:
             out[f"{ckpt}_mem_ratio"] = round(out[f"{ckpt}_step_mem_mb"] / out[f"{plain}_step_mem_mb"], 3)
     out.update(model=a.model, input_size=a.input_size, batch_size=a.batch_size, use_amp=a.use_amp, device=str(device),
+               peak_mem_kind="cuda_max_memory_allocated" if device.type == "cuda" else "malloc_in_use_sampled",
+               malloc_tuned=tuned, threads=torch.get_num_threads(), torch=torch.__version__)
+    return out
+
+
+def bench_linear_probe(a):
+    """Step memory and time of a linear probe (--linear_probe: the network frozen, its forward
+    recording no graph; only the head in the optimizer) against full fine-tuning of the same
+    model, both built by engine_finetune.build_model from the real flags and trained by the real
+    epoch loop with the Task's loss (the probe's frozen part in evaluation mode), AdamW."""
+    import functools
+
+    import engine_finetune
+    from main_finetune import get_args_parser
+    from util.config import parse_args
+    from util.optim import create_optimizer
+    from util.speed import tune_allocator
+    from util.train_loop import Amp, train_one_epoch
+    tuned = tune_allocator(True) if not a.no_malloc_tuning else False
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    batches = _batches(a, device)
+    loader, one = InMemoryLoader(batches), InMemoryLoader(batches[:1])
+    amp = Amp.create(a.use_amp, device)
+    contenders, trainable = [], {}
+    for name, probe in (("finetune", False), ("linear_probe", True)):
+        args = parse_args(get_args_parser(), ["--model", a.model, "--linear_probe", str(probe),
+                                              "--smoothing", "0", "--drop_path", "0"])
+        torch.manual_seed(0)
+        model = engine_finetune.build_model(args, 1000).to(device)
+        opt = create_optimizer(model, 1e-4, device, weight_decay=0.05, opt_eps=1e-8)
+        trainable[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        frozen = engine_finetune.frozen_parts(model, model.get_submodule(engine_finetune.classifier_name(model))) \
+            if probe else ()
+
+        def loss(m, batch, frozen=frozen):  # FinetuneTask.loss with plain cross-entropy
+            engine_finetune.keep_frozen_in_eval(frozen)
+            return engine_finetune.classification_loss(m, batch, torch.nn.CrossEntropyLoss())
+
+        def step(ld, model=model, opt=opt, loss=loss):
+            train_one_epoch(model, loss, ld, opt, device, 0, _loop_args(a), amp)
+        contenders.append(Contender(name, functools.partial(step, loader), functools.partial(step, one),
+                                    a.steps * a.batch_size))
+    out = _step_time_and_memory(a, contenders, device)
+    out["linear_probe_time_ratio"] = round(out["linear_probe_step_s"] / out["finetune_step_s"], 3)
+    if out["finetune_step_mem_mb"]:
+        out["linear_probe_mem_ratio"] = round(out["linear_probe_step_mem_mb"] / out["finetune_step_mem_mb"], 3)
+    out.update({f"{k}_trainable_params": v for k, v in trainable.items()})
+    out.update(model=a.model, input_size=a.input_size, batch_size=a.batch_size, use_amp=a.use_amp, device=str(device),
+               device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                peak_mem_kind="cuda_max_memory_allocated" if device.type == "cuda" else "malloc_in_use_sampled",
                malloc_tuned=tuned, threads=torch.get_num_threads(), torch=torch.__version__)
     return out
@@ -561,12 +620,16 @@ def main():
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--grad_checkpointing", action="store_true",
                    help="step memory and time of our fine-tuning and FCMAE steps with and without it instead")
+    p.add_argument("--linear_probe", action="store_true",
+                   help="step memory and time of a linear probe (--linear_probe) against full fine-tuning instead")
     p.add_argument("--out", metavar="FILE", help="also write the JSON object to FILE")
     p.add_argument("--profile", metavar="FILE", help="after the timed rounds, profile one more fine-tuning call "
                    "(torch.profiler): the top-kernels table to FILE, a summary (GRN, LayerNorm shares) in the JSON")
     a = p.parse_args()
     if a.grad_checkpointing:
         out = bench_checkpointing(a)
+    elif a.linear_probe:
+        out = bench_linear_probe(a)
     else:
         out = bench_data(a) if a.data_pipeline else bench_startup(a) if a.startup else bench_engines(a)
     if a.out:

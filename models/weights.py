@@ -9,6 +9,8 @@ Takes, and turns into `ConvNeXtV2` names and shapes (`encoder_state_dict`):
 - timm's convnextv2 (`stem.0.weight`, `stages.0.blocks.0.mlp.grn.weight` [dim], ...);
 - Hugging Face transformers' ConvNextV2ForImageClassification / ConvNextV2Model
   (`convnextv2.embeddings...`, `convnextv2.encoder.stages...`, `classifier.*`).
+A linear probe's checkpoint (a frozen network under a new head: a BatchNorm without affine
+parameters, then a Linear) converts with that head folded into one Linear (`fold_probe_head`).
 Files: torch (`.pth`, `.pt`, `.bin`; `read_torch_file`, the suite's one weights-only load),
 `.safetensors`, or a Hugging Face folder (`config.json` + `model.safetensors`, sharded or
 `pytorch_model.bin`).
@@ -440,6 +442,101 @@ def load_into(model, sd, note=None):
     return list(result.missing_keys), list(result.unexpected_keys)
 
 
+def is_fcmae(model):
+    """True for our FCMAE pretraining model (models/fcmae.py)."""
+    from models.fcmae import FCMAE
+    return isinstance(model, FCMAE)
+
+
+class FcmaeStart(NamedTuple):
+    """What a checkpoint gives a FCMAE model (`fit_fcmae`): the weights to load, in the model's
+    names, and in words what they are and what starts fresh."""
+    state_dict: dict
+    loaded: tuple       # "encoder", "decoder", "mask token"
+    fresh: tuple        # "decoder", "mask token" or "prediction layer": the model's own init
+    why_fresh: str      # why those start fresh ("" when nothing does); names the model's arguments
+    unused: tuple       # parts of the file a FCMAE has no place for: "classifier head", "final norm"
+    adapted: str        # how the stem was adapted to the model's bands ("" when it was not)
+
+
+def _decoder_shape(sd, patch_size):
+    """(width, blocks, bands predicted) of the FCMAE decoder in `sd` (None where unknown)."""
+    width = next((v.shape[k] for key, k in (("mask_token", 1), ("proj.weight", 0)) if (v := sd.get(key)) is not None),
+                 None)
+    blocks = len({m.group(1) for m in (re.match(r"decoder\.(\d+)\.", k) for k in sd) if m})
+    pred = sd.get("pred.weight")
+    bands = None if pred is None or pred.shape[0] % (patch_size ** 2) else pred.shape[0] // patch_size ** 2
+    return width, blocks, bands
+
+
+def _fits(own, sd, prefixes):
+    """The first reason the entries of `sd` under `prefixes` do not fill exactly the model's
+    (`own`) entries under them, or None when they do."""
+    mine = {k for k in own if k.startswith(prefixes)}
+    theirs = {k for k in sd if k.startswith(prefixes)}
+    if theirs - mine:
+        return f"unknown key {sorted(theirs - mine)[0]}"
+    if mine - theirs:
+        return f"missing {sorted(mine - theirs)[0]}"
+    bad = [k for k in sorted(mine) if tuple(sd[k].shape) != tuple(own[k].shape)]
+    return f"{bad[0]} has shape {tuple(sd[bad[0]].shape)}, the model {tuple(own[bad[0]].shape)}" if bad else None
+
+
+def fit_fcmae(model, sd, note=None):
+    """A checkpoint's state dict `sd` for a FCMAE `model` (meta tensors are fine), as a
+    FcmaeStart. The encoder from any format `encoder_state_dict` takes (ours, fine-tuned or
+    FCMAE; official sparse or dense; timm; Hugging Face), whole: a classifier head and final norm
+    are left unused, a stem for another number of bands is adapted (`adapt_stem`, `note(line)` is
+    told), anything else that does not fit raises ModelError (VariantMismatch for another
+    variant). The decoder (projection, blocks, prediction layer) and the mask token are taken
+    when the file has them in the model's shapes (our FCMAE checkpoints; an official file with
+    its decoder); when only the bands predicted differ (a stem adapted to other bands), all but
+    the prediction layer; otherwise they start fresh, and `why_fresh` says why."""
+    sd = _strip_wrappers(dict(sd))
+    decoder = {k: v for k, v in sd.items() if k.startswith(DECODER_PREFIXES)}
+    rest = {k: v for k, v in sd.items() if not k.startswith(DECODER_PREFIXES)}
+    if not rest:
+        what = f"only FCMAE decoder parts, e.g. {', '.join(sorted(decoder)[:2])}" if decoder else "no weights at all"
+        raise ModelError(f"the checkpoint holds no encoder weights ({what}); pass a checkpoint with a "
+                         "ConvNeXt V2 encoder (ours, official, timm or Hugging Face)")
+    encoder = encoder_state_dict(rest)
+    unused = tuple(name for prefix, name in (("head.", "classifier head"), ("norm.", "final norm"))
+                   if any(k.startswith(prefix) for k in encoder))
+    encoder = {k: v for k, v in encoder.items() if not k.startswith(("head.", "norm."))}
+    own_encoder = model.encoder.state_dict()
+    adapted = []
+    encoder = adapt_stem(own_encoder, encoder, first_conv_keys(model.encoder),
+                         lambda line: (adapted.append(line), note and note(line)))
+    placed = {"encoder." + k: v for k, v in
+              check_fit(own_encoder, encoder, head=(), allowed_missing=(), variants=True).items()}
+    own = model.state_dict()
+    for key, value in list(decoder.items()):  # a GRN kept as [1, dim] (as the encoder's may be)
+        if ".grn." in key and key in own and value.numel() == own[key].numel():
+            decoder[key] = value.reshape(own[key].shape)
+    loaded, fresh, why = ("encoder",), ("decoder", "mask token"), ""
+    body = ("proj.", "decoder.", "mask_token")
+    if not decoder:
+        why = "the file has none"
+    elif _fits(own, decoder, body) is None:
+        placed.update({k: v for k, v in decoder.items() if k.startswith(body)})
+        loaded, fresh = ("encoder", "decoder", "mask token"), ()
+        if _fits(own, decoder, ("pred.",)) is None:
+            placed.update({k: v for k, v in decoder.items() if k.startswith("pred.")})
+        else:
+            fresh = ("prediction layer",)
+            theirs, mine = _decoder_shape(decoder, model.patch_size)[2], model.in_chans
+            why = (f"the file's prediction layer predicts {theirs} bands per pixel, in_chans is {mine}" if theirs
+                   else f"the file's does not fit: {_fits(own, decoder, ('pred.',))}")
+    else:
+        (w, b, _), (mw, mb, _) = _decoder_shape(decoder, model.patch_size), _decoder_shape(own, model.patch_size)
+        if (w, b) != (mw, mb) and w is not None:
+            why = (f"the file's decoder is {w} wide with {b} block{'s' * (b != 1)}, decoder_embed_dim is {mw} "
+                   f"and decoder_depth {mb}")
+        else:
+            why = f"the file's decoder does not fit: {_fits(own, decoder, body)}"
+    return FcmaeStart(placed, loaded, fresh, why, unused, "; ".join(adapted))
+
+
 def variant_of(sd):
     """Our model name whose depths and dims match a ConvNeXtV2 state dict."""
     from models.convnextv2 import VARIANTS
@@ -464,11 +561,31 @@ class Ours(NamedTuple):
     in_chans: int
 
 
+PROBE_BN_EPS = 1e-6  # the linear probe's BatchNorm eps (engine_finetune builds it so; a state dict holds no eps)
+
+
+def fold_probe_head(sd):
+    """A linear probe's head (`head.0.*` a BatchNorm1d without affine parameters, eps
+    PROBE_BN_EPS; `head.1.*` a Linear) folded into one Linear, `head.weight` and `head.bias`, so
+    the weights are a plain ConvNeXt V2 classifier: in evaluation the BatchNorm is
+    x -> (x - mean) / s, s = sqrt(var + eps), so W' = W / s and b' = b - W' mean (computed in
+    float64). Any other state dict (ConvNeXtV2 names) is returned as it is."""
+    if "head.0.running_var" not in sd or "head.0.weight" in sd or "head.1.weight" not in sd:
+        return sd
+    out = {k: v for k, v in sd.items() if not k.startswith(("head.0.", "head.1."))}
+    w, b = sd["head.1.weight"], sd["head.1.bias"]
+    folded = w.double() * (sd["head.0.running_var"].double() + PROBE_BN_EPS).rsqrt()
+    out["head.weight"] = folded.to(w.dtype)
+    out["head.bias"] = (b.double() - folded @ sd["head.0.running_mean"].double()).to(b.dtype)
+    return out
+
+
 def checked_ours(sd):
-    """Any supported state dict -> Ours: converted, its variant found, every key placed (only
-    the head and final norm may be missing, as in a FCMAE encoder)."""
+    """Any supported state dict -> Ours: converted (a linear probe's head folded into one Linear,
+    `fold_probe_head`), its variant found, every key placed (only the head and final norm may be
+    missing, as in a FCMAE encoder)."""
     from models.convnextv2 import VARIANTS, ConvNeXtV2
-    dense = encoder_state_dict(sd)
+    dense = fold_probe_head(encoder_state_dict(sd))
     if "stages.0.0.dwconv.weight" not in dense:
         raise ModelError("the checkpoint is neither ours nor an official, timm or Hugging Face "
                          "ConvNeXt V2 one (no weights of a first block); pass a ConvNeXt V2 checkpoint")

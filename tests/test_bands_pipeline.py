@@ -313,7 +313,8 @@ def test_finetune_adapts_a_3_channel_stem_to_n_bands_in_one_line(fcmae, n, tmp_p
     from models.weights import fit
     path, w3, src = three_band_checkpoint(tmp_path, fcmae)
     args = argparse.Namespace(model="convnextv2_atto", drop_path=0.0, head_init_scale=1.0, grad_checkpointing=False,
-                              in_chans=n, finetune=str(path), model_key="model|module", model_prefix="")
+                              in_chans=n, finetune=str(path), model_key="model|module", model_prefix="",
+                              linear_probe=False)
     model = engine_finetune.build_model(args, 10)
     with torch.device("meta"):  # the check before any compute: the same fit, silent
         fit(engine_finetune.build_model(args, 10), torch.load(path, weights_only=True)["model"])
@@ -339,7 +340,7 @@ def test_a_timm_models_stem_is_adapted_too(tmp_path, capsys):
     torch.save({"model": src.state_dict()}, tmp_path / "timm.pth")
     args = argparse.Namespace(model="convnext_atto", drop_path=0.0, head_init_scale=1.0, grad_checkpointing=False,
                               in_chans=4, finetune=str(tmp_path / "timm.pth"), model_key="model|module",
-                              model_prefix="")
+                              model_prefix="", linear_probe=False)
     model = engine_finetune.build_model(args, 10)
     assert model.stem[0].weight.shape[1] == 4
     engine_finetune.load_finetune_weights(args, model)

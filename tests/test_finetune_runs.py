@@ -135,7 +135,8 @@ def test_head_init_scale_below_1_from_scratch_says_what_it_is_for(capsys, monkey
     import engine_finetune
     monkeypatch.setattr(engine_finetune, "load_finetune_weights", lambda args, model: {})
     task = engine_finetune.FinetuneTask.__new__(engine_finetune.FinetuneTask)
-    task.args = argparse.Namespace(head_init_scale=scale, finetune=finetune, freeze_stages=0)
+    task.args = argparse.Namespace(head_init_scale=scale, finetune=finetune, freeze_stages=0,
+                                   linear_probe=False)
     task.prepare(None)
     out = capsys.readouterr().out.splitlines()
     assert out == ([f"note: --head_init_scale {scale:g} shrinks the new classifier's initial weights, as meant "

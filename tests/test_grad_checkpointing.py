@@ -103,7 +103,7 @@ def test_the_tasks_pass_the_flag():
     import engine_finetune
     import engine_pretrain
     ft = argparse.Namespace(model="convnextv2_atto", drop_path=0.0, head_init_scale=1.0, grad_checkpointing=True,
-                            in_chans=3)
+                            in_chans=3, linear_probe=False)
     assert engine_finetune.build_model(ft, 10).grad_checkpointing
     pt = argparse.Namespace(model="convnextv2_atto", mask_ratio=0.6, decoder_depth=1, decoder_embed_dim=64,
                             norm_pix_loss=True, input_size=64, grad_checkpointing=True, in_chans=3)

@@ -47,7 +47,7 @@ def test_finetune_from_our_pretrain_checkpoint(pretrained):
     ckpt = torch.load(pretrained / "checkpoint-3.pth", weights_only=True)["model"]
     model = create_model("convnextv2_atto", num_classes=10)
     args = argparse.Namespace(finetune=str(pretrained / "checkpoint-3.pth"), model_key="model|module",
-                              model_prefix="")
+                              model_prefix="", linear_probe=False)
     load_finetune_weights(args, model)
     own = model.state_dict()
     enc = {k[len("encoder."):]: v for k, v in ckpt.items() if k.startswith("encoder.")}

@@ -3,6 +3,7 @@
 A checkpoint we write holds only tensors and plain Python values (no argparse.Namespace, no numpy
 objects), so the one weights-only loader, `models.weights.read_torch_file`, reads it.
 """
+import argparse
 import glob
 import os
 import random
@@ -127,3 +128,15 @@ def check_state_dict_matches(model, state_dict, source):
     if missing:
         raise UserError(f"{source} does not match --model: missing key {missing[0]!r} "
                         f"({len(missing)} missing); was it saved for another model?")
+
+
+def source_fields(path, ckpt):
+    """The run.json fields naming where a run's weights came from: the file, the signature and
+    model of the run that wrote it (ours; an official checkpoint's args name its model)."""
+    src = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+    src = vars(src) if isinstance(src, argparse.Namespace) else src
+    src = src if isinstance(src, dict) else {}
+    extra = ckpt.get("extra") if isinstance(ckpt, dict) else None
+    return {"finetune_from": os.path.abspath(path),
+            "finetune_from_signature": extra.get("signature") if isinstance(extra, dict) else None,
+            "finetune_from_model": src.get("model")}

@@ -203,6 +203,10 @@ TABLE = (
           **_ft),
     _flag("freeze_stages", 0, int, "freeze the stem and the first N stages: no gradients, weights kept as "
                                    "loaded", checks=(R(0, 4),), **_ft),
+    _flag("linear_probe", False, str2bool, "linear probe: freeze the whole network and train only a new head on "
+          "its pooled features, BatchNorm without affine parameters then Linear (MAE's main_linprobe.py); the "
+          "frozen network runs as in evaluation (no --drop_path) and records no autograd graph; the recipe: "
+          "configs/linprobe.yaml", **_ft),
     _flag("layer_decay_type", "single", str, "single: one decay per block; group: per group of 3 blocks",
           choices=("single", "group"), parse_choices=True, **_ft),
     _flag("layer_decay", 1.0, float, "layer-wise lr decay (1: none)", checks=(R(0, 1, low_open=True),), **_ft),
@@ -246,12 +250,16 @@ TABLE = (
     _flag("mixup_switch_prob", 0.5, float, "probability of cutmix instead of mixup when both are on",
           checks=(R(0, 1),), **_ft),
     _flag("mixup_mode", "batch", str, "mix per batch, pair or element", choices=fc.MIXUP_MODES, **_ft),
-    _flag("finetune", "", str, "weights to start from: a .pth/.pt/.bin/.safetensors file (ours, FCMAE, "
-                               "official, timm, Hugging Face) or a Hugging Face folder", fixed={PT: ""}, **_ft),
+    _flag("finetune", "", str, {
+        FT: "weights to start from: a .pth/.pt/.bin/.safetensors file (ours, FCMAE, official, timm, Hugging Face) "
+            "or a Hugging Face folder",
+        PT: "weights to start a new pretraining run from (epoch 0, its own schedule): a .pth/.pt/.bin/.safetensors "
+            "file (ours, FCMAE, official, timm, Hugging Face) or a Hugging Face folder; the encoder from any, the "
+            "decoder and mask token too when the file has them (else fresh)"}, scripts=BOTH),
     _flag("head_init_scale", 0.001, float, "scale of the classifier's initial weights", **_ft),
     _flag("model_key", "model|module", str, "where the weights are in a --finetune checkpoint (first found)",
-          **_ft),
-    _flag("model_prefix", "", str, "key prefix to strip from the --finetune weights", **_ft),
+          scripts=BOTH),
+    _flag("model_prefix", "", str, "key prefix to strip from the --finetune weights", scripts=BOTH),
     _flag("save_safetensors", False, str2bool, "also write the final and best weights as model.safetensors "
           "and model-best.safetensors (weights only, for release)", role=SETTING, fixed={PT: False}, **_ft),
     _flag("nb_classes", 1000, int, "number of classes (set from the dataset)", role=SETTING, **_ft),

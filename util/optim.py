@@ -76,6 +76,10 @@ def create_optimizer(model, lr, device, weight_decay, opt="adamw", opt_eps=None,
         raise UserError(f"cannot create optimizer --opt {opt_name!r} ({e}); try --opt adamw") from None
     for g in optimizer.param_groups:  # which groups the weight-decay schedule may touch
         g.setdefault("apply_wd", g["weight_decay"] > 0)
+        if "always_adapt" in g:  # timm's LARS: the trust ratio for weight matrices at any weight decay, none
+            # for biases and norms, as MAE's LARS (timm's adapts groups with weight decay only: none at 0, the
+            # linear-probe recipe's; with weight decay the same groups adapt as before)
+            g["always_adapt"] = all(p.ndim > 1 for p in g["params"])
     return optimizer
 
 

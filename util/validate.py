@@ -129,7 +129,7 @@ def check_checkpoints(args, model_fn):
             check_state_dict_matches(model, ckpt["model"], f"--resume {args.resume}")
     if args.finetune:
         from models.errors import ModelError
-        from models.weights import explain, fit, read_folder_or_safetensors, select_state_dict
+        from models.weights import explain, fit, fit_fcmae, is_fcmae, read_folder_or_safetensors, select_state_dict
         try:  # a Hugging Face folder or a safetensors file; else a torch file
             ckpt = read_folder_or_safetensors(args.finetune)
         except ModelError as e:
@@ -138,7 +138,8 @@ def check_checkpoints(args, model_fn):
         if model is not None:
             with warnings.catch_warnings():  # the real load warns about a dropped head once
                 warnings.simplefilter("ignore")
-                try:  # converts for our ConvNeXt V2 only, as the real load
-                    fit(model, select_state_dict(ckpt, args.model_key, args.model_prefix))
+                try:  # converts for our ConvNeXt V2 only, as the real load; pretraining: its encoder
+                    (fit_fcmae if is_fcmae(model) else fit)(
+                        model, select_state_dict(ckpt, args.model_key, args.model_prefix))
                 except ModelError as e:
                     raise UserError(f"--finetune {args.finetune}: {explain(e, '--model')}") from None
