@@ -332,3 +332,97 @@ def evaluate(data_loader, model, device, amp=None, reduce=True, channels_last=Fa
         stats["acc1_per_class"] = [100 * h / c if c else None for h, c in zip(hits, seen)]
     info(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} (n={stats['n']})")
     return stats
+
+
+# what --predict takes from the checkpoint's settings, not from the command line: the model and
+# its run's evaluation transform (the launch keeps its batch size, workers, device and autocast)
+PREDICT_FROM_CHECKPOINT = ("model", "nb_classes", "in_chans", "input_size", "crop_pct", "mean", "std",
+                           "imagenet_default_mean_and_std", "linear_probe", "model_ema", "model_ema_eval", "bce_loss")
+
+
+def prediction_model(args):
+    """--predict: the classifier of the --resume checkpoint, built with the settings its run saved
+    (PREDICT_FROM_CHECKPOINT) and given the weights that run judged itself by: the EMA's when it
+    picked its best by them (--model_ema True --model_ema_eval True), else the model's. Returns
+    (model, settings, class names: the checkpoint's, or '0', '1', ... for one written before
+    checkpoints held them). A checkpoint without a classifier is refused in one line."""
+    import argparse
+
+    from util.checkpoint import check_state_dict_matches, load_checkpoint
+    ckpt = load_checkpoint(args.resume)
+    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved  # the original scripts' checkpoints
+    no_head = UserError(f"--resume {args.resume} holds no classifier to predict with (an FCMAE pretraining "
+                        "checkpoint, an encoder without a head, or weights without a fine-tuning run's settings); "
+                        "--predict needs a checkpoint a fine-tuning run wrote, e.g. <run>/checkpoint-best.pth: "
+                        f"fine-tune (or --linear_probe) from this one first with --finetune {args.resume}")
+    if not (isinstance(saved, dict) and saved.get("nb_classes") and isinstance(ckpt.get("model"), dict)):
+        raise no_head
+    # decoded whole (no --jpeg_draft): the evaluation transform's own pixels
+    settings = argparse.Namespace(**{**vars(args), **{k: saved[k] for k in PREDICT_FROM_CHECKPOINT if k in saved},
+                                     "jpeg_draft": False})
+    model = build_model(settings, settings.nb_classes)
+    head = classifier_name(model)
+    if head is None or not any(k.startswith(f"{head}.") for k in ckpt["model"]):
+        raise no_head
+    ema = bool(settings.model_ema and settings.model_ema_eval and isinstance(ckpt.get("model_ema"), dict))
+    weights = ckpt["model_ema"] if ema else ckpt["model"]
+    check_state_dict_matches(model, weights, f"--resume {args.resume}")
+    model.load_state_dict(weights)
+    n = settings.nb_classes
+    classes = (ckpt.get("extra") or {}).get("classes")
+    if not (isinstance(classes, list) and len(classes) == n):
+        info(f"note: {args.resume} holds no class names (it was written before checkpoints kept them); predictions "
+             f"name classes by index, 0 to {n - 1}, the order of the run's classes (class folders sorted by name)")
+        classes = [str(i) for i in range(n)]
+    info(f"predicting with {settings.model} ({n} classes, {settings.in_chans} bands, {settings.input_size} px) "
+         f"from {args.resume}{', its EMA weights (the run picked its best by them)' if ema else ''}")
+    return model, settings, classes
+
+
+@torch.no_grad()
+def predict(args, dist):
+    """--predict PATH --resume CKPT: the checkpoint's classifier over the inputs of PATH
+    (util/predict.py) through its run's evaluation transform, in the batches --eval's loader makes
+    (under torchrun rank r takes inputs r, r+W, ...), under this launch's autocast; rank 0 gathers
+    every input's top-5 and writes predictions.csv atomically into --output_dir, or next to the
+    checkpoint, and says where. Returns {"predictions": that path (None off rank 0), "n",
+    "unreadable"}."""
+    import dataclasses
+    import os
+
+    from util import distributed as du
+    from util.data.loaders import build_eval_loader
+    from util.data.transforms import build_transform
+    from util.predict import PredictInputs, list_inputs, write_predictions
+    from util.train_loop import Amp
+    from util.trainer import place_model
+    names, sources = list_inputs(args.predict)  # no input: one line before the checkpoint is read
+    model, settings, classes = prediction_model(args)
+    amp = Amp.create(args.use_amp, dist.device)
+    # laid out on the device as for --eval (the same numbers); each rank alone, so no DDP
+    model = place_model(model, None, amp, args, dataclasses.replace(dist, distributed=False)).model
+    model.eval()
+    inputs = PredictInputs(sources, build_transform(False, settings), settings.in_chans, settings.input_size)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    k = min(5, len(classes))
+    local = []  # (input index, ([(class, probability)] best first, error)) of this rank's share
+    for images, index, errors in build_eval_loader(inputs, settings, dist.world_size, dist.rank):
+        with amp.autocast():
+            logits = model(images.to(dist.device, non_blocking=True, memory_format=fmt)).float()
+        top = logits.topk(k, dim=1).indices  # ranked as evaluate() ranks: top-1 is the class --eval counts
+        probs = (logits.sigmoid() if settings.bce_loss else logits.softmax(dim=1)).gather(1, top)
+        for i, error, c, p in zip(index.tolist(), errors, top.tolist(), probs.tolist()):
+            local.append((i, ([] if error else list(zip(c, p)), error)))
+    # every rank's share, by input index (with --dist_eval False every rank predicted everything)
+    results = dict(row for part in du.all_gather_object(local) for row in part)
+    path, unreadable = None, sum(1 for _, error in results.values() if error)
+    if du.is_main_process():
+        out_dir = args.output_dir or os.path.dirname(args.resume) or "."
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "predictions.csv")
+        write_predictions(path, names, [results[i] for i in range(len(names))], classes)
+        info(f"predicted {len(names)} inputs of {args.predict}"
+             f"{f' ({unreadable} unreadable: their rows hold the error)' if unreadable else ''}: {path}")
+    du.cleanup()
+    return {"predictions": path, "n": len(names), "unreadable": unreadable}

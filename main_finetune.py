@@ -31,16 +31,19 @@ def model_builder(args, nb_classes):
 
 
 def main(args, epoch_callback=None, record_extra=None, on_run_dir=None):
-    """Train (or with --eval only evaluate). `epoch_callback(epoch, log)` runs after each epoch
-    on every rank (the hyperparameter search reports and prunes there); `record_extra`: more
-    fields for run.json (the search's study and trial); `on_run_dir(run_dir)`: told the run
-    directory on every rank once it is chosen. `args` is read, never written. Raises UserError
-    for a mistake the user can fix (the script's `user_errors()` boundary makes it one line)."""
-    from engine_finetune import FinetuneTask  # torch from here on
+    """Train (or with --eval only evaluate; with --predict PATH only label PATH's images).
+    `epoch_callback(epoch, log)` runs after each epoch on every rank (the hyperparameter search
+    reports and prunes there); `record_extra`: more fields for run.json (the search's study and
+    trial); `on_run_dir(run_dir)`: told the run directory on every rank once it is chosen. `args`
+    is read, never written. Raises UserError for a mistake the user can fix (the script's
+    `user_errors()` boundary makes it one line)."""
+    from engine_finetune import FinetuneTask, predict  # torch from here on
     from util.run_context import start_process
     from util.trainer import Trainer
     validate_args(args)
     dist = start_process(args)
+    if args.predict:  # the checkpoint's classifier over new images: no training set, no run directory
+        return predict(args, dist)
     trainer = Trainer(args, FinetuneTask(args, dist), dist, on_run_dir=on_run_dir)
     if args.preflight:
         return trainer.preflight()

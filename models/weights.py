@@ -22,13 +22,17 @@ number of bands (3-band weights, a 4-band model) is adapted with timm's `adapt_i
 Out (`convert --to`): ours (`{"model": ...}`), timm, hf (a folder `from_pretrained` loads) and
 official (a FCMAE encoder in the released layout, GRN [1, dim], that the original fine-tuning
 code maps back without loss); OUT ending in `.safetensors` writes safetensors. The number of
-bands travels (the stem's shape; timm's `in_chans`, Hugging Face's `num_channels`).
+bands travels (the stem's shape; timm's `in_chans`, Hugging Face's `num_channels`). `--to onnx`:
+an ONNX file checked by onnxruntime against torch before it is written (models/onnx_export.py).
+
+`average_checkpoints`: the mean of checkpoints' weights (and EMA weights), as a checkpoint.
 
 `select_state_dict` picks the weights out of a checkpoint as fine-tuning does (key, prefix).
 Errors are `ModelError`s naming the arguments, not the scripts' flags (models/errors.py).
 
-CLI: python -m models.weights convert IN OUT --to ours|timm|hf|official [--model-key K]
+CLI: python -m models.weights convert IN OUT --to ours|timm|hf|official|onnx [--model-key K]
      python -m models.weights to_timm IN OUT [--model-key K]   (= convert --to timm)
+     python -m models.weights average OUT IN [IN ...] [--model-key K]
 """
 import argparse
 import json
@@ -664,14 +668,27 @@ def save_weights(sd, path, key=None):
         atomic_torch_save({key: obj} if key else obj, path)
 
 
-FORMATS_OUT = ("ours", "timm", "hf", "official")
+FORMATS_OUT = ("ours", "timm", "hf", "official", "onnx")
 
 
-def convert(src, dst, to, model_key=DEFAULT_MODEL_KEY, labels_file=None):
+def convert(src, dst, to, model_key=DEFAULT_MODEL_KEY, labels_file=None, image_size=224):
     """Read `src` (any format we read), check it whole, then write `dst` in format `to`
-    (ours, timm, hf, official). Returns the line telling how to load the result."""
+    (ours, timm, hf, official, onnx: checked by onnxruntime at `image_size`, see
+    models/onnx_export.py). Returns the line telling how to load the result."""
     sd, source_config = read_hf_folder(src) if os.path.isdir(src) else (read_weights(src, model_key), None)
-    ours = checked_ours(sd)
+    try:
+        ours = checked_ours(sd)
+    except ModelError as e:
+        if to != "onnx":
+            raise
+        # the export's check is against our ConvNeXt V2 (its GRN made fp16-safe): any other model is
+        # one we cannot stand behind
+        raise ModelError(f"{e}; the ONNX export exports and checks ConvNeXt V2 only (ours, official, timm's "
+                         "convnextv2_* or Hugging Face): export another timm model with timm's "
+                         "onnx_export.py") from None
+    if to == "onnx":
+        from models.onnx_export import export_onnx
+        return export_onnx(ours, dst, image_size)
     flat = str(dst).endswith(".safetensors")
     if to == "ours":
         save_weights(ours.state_dict, dst, key="model")
@@ -721,23 +738,117 @@ def convert(src, dst, to, model_key=DEFAULT_MODEL_KEY, labels_file=None):
     return f"load it with transformers.{config['architectures'][0]}.from_pretrained({str(dst)!r})"
 
 
+# what a checkpoint holds of one run's training (ours: util/train_state.py), not of its weights: an
+# average leaves these out (so --resume of it restarts the optimizer, and auto-resume never prefers it)
+TRAINING_STATE = ("optimizer", "scaler", "rng", "step", "global_step", "world_size", "best", "epoch_done")
+EMA_KEY = "model_ema"
+
+
+def average_checkpoints(srcs, dst, model_key=DEFAULT_MODEL_KEY):
+    """Write to `dst` the mean of the weights of the checkpoints `srcs` (timm's avg_checkpoints.py:
+    floating tensors summed in float64, then cast back; integer buffers, e.g. BatchNorm's
+    counter, are the first's), and the mean of their EMA weights (`model_ema`) when every one
+    has them. Every input must hold the same model: for ConvNeXt V2 the same variant, classes and
+    bands (named in the error), for any model the same keys and shapes. `dst` is a checkpoint
+    of the first input with the averaged weights under "model" (and "model_ema"): its other
+    entries (args, extra: the settings and class names --eval, --predict and --finetune read) are
+    kept, the training state is left out (TRAINING_STATE), "epoch" is the newest input's and
+    "averaged_from" lists the inputs. Inputs are read one at a time, memory-mapped. Returns
+    the line telling how to use it."""
+    if len(srcs) < 2:
+        raise ModelError(f"average needs two or more checkpoints, got {len(srcs)}; list every checkpoint "
+                         "to average (e.g. checkpoint-9*.pth)")
+    if any(os.path.abspath(s) == os.path.abspath(dst) for s in srcs):
+        raise ModelError(f"{dst} is also one of the inputs; give a new OUT file")
+    if str(dst).endswith(".safetensors"):
+        raise ModelError(f"{dst}: average writes a checkpoint (.pth), the kind a run resumes from; write OUT "
+                         "as .pth, then convert it into our names in a .safetensors file (the convert command)")
+    first, first_sd, what, shapes, epochs = None, None, None, None, []
+    sums, ema_sums = {}, {}
+    for i, path in enumerate(srcs):
+        ckpt = read_folder_or_safetensors(path)  # a bare weights file or folder: no EMA, no epoch
+        ckpt = read_torch_file(path, mmap=True) if ckpt is None else ckpt
+        sd = select_state_dict(ckpt, model_key)
+        wrapper = ckpt if sd is not ckpt else {}  # a checkpoint around the weights (args, epoch, EMA)
+        if not sd or not all(torch.is_tensor(v) for v in sd.values()):
+            raise ModelError(f"{path} holds no weights under {model_key!r} (or at its top); average "
+                             "checkpoints of the suite or weight files")
+        try:  # our ConvNeXt V2 in any layout: what it is, in words
+            o = checked_ours(sd)
+            this = f"{o.name} with {o.num_classes} classes and {o.in_chans} bands"
+        except ModelError:  # another model (a timm one): its keys and shapes must match
+            this = None
+        this_shapes = {k: (tuple(v.shape), v.is_floating_point()) for k, v in sd.items()}
+        if i == 0:
+            first, first_sd, what, shapes = wrapper, sd, this, this_shapes
+        elif this != what and this and what:
+            raise ModelError(f"{path} is a {this}, {srcs[0]} a {what}; average checkpoints of one model "
+                             "(the same variant, classes and bands)")
+        elif this_shapes != shapes:
+            odd = sorted(set(shapes) ^ set(this_shapes)) or [k for k in shapes if shapes[k] != this_shapes[k]]
+            raise ModelError(f"{path} does not hold the weights of {srcs[0]}'s model (e.g. {odd[0]}: "
+                             f"{this_shapes.get(odd[0], 'absent')} vs {shapes.get(odd[0], 'absent')}); average "
+                             "checkpoints of one model")
+        ema = wrapper.get(EMA_KEY)
+        if isinstance(ema, dict) and {k: (tuple(v.shape), v.is_floating_point()) for k, v in ema.items()} != shapes:
+            raise ModelError(f"{path}: its {EMA_KEY} does not hold the weights of its model; the checkpoint is "
+                             "damaged, leave it out")
+        if ema_sums is not None and not isinstance(ema, dict):
+            ema_sums = None  # one input without EMA weights: no averaged EMA
+        for total, weights in ((sums, sd), (ema_sums, ema if ema_sums is not None else {})):
+            for k, v in weights.items():
+                if v.is_floating_point():
+                    total[k] = v.double() if i == 0 else total[k].add_(v.double())
+        if isinstance(wrapper.get("epoch"), int):
+            epochs.append(wrapper["epoch"])
+    n = len(srcs)
+    out = {k: v for k, v in first.items() if k not in TRAINING_STATE + (EMA_KEY,) + tuple(model_key.split("|"))}
+    out["model"] = {k: (sums[k] / n).to(v.dtype) if k in sums else v for k, v in first_sd.items()}
+    if ema_sums:  # the first's integer buffers in the EMA too (they are not averaged)
+        out[EMA_KEY] = {k: (ema_sums[k] / n).to(v.dtype) if k in ema_sums else v for k, v in first[EMA_KEY].items()}
+    if epochs:  # what --eval reports and --resume continues after (a finished epoch)
+        out.update(epoch=max(epochs), epoch_done=True)
+    out["averaged_from"] = [os.path.abspath(s) for s in srcs]
+    atomic_torch_save(out, dst)
+    ema_note = f"with their EMA weights ({EMA_KEY})" if ema_sums else "(EMA weights: not every input has them)"
+    use = (f"main_finetune.py --eval True --resume {dst}" if epochs
+           else f"main_finetune.py --eval True --finetune {dst}")
+    return (f"the mean of {n} checkpoints' weights {ema_note}; evaluate it with {use}, or start from it with "
+            f"--finetune {dst}")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m models.weights",
-                                     description="Convert ConvNeXt V2 checkpoints.")
+                                     description="Convert ConvNeXt V2 checkpoints, average them, export them to ONNX.")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="any format we read (ours, official, timm, Hugging Face; .pth, "
                                        ".pt, .bin, .safetensors or a folder) -> --to's format")
     c.add_argument("--to", required=True, choices=FORMATS_OUT,
                    help="ours: {'model': ConvNeXtV2 names}; timm: timm's names; hf: a folder "
-                        "from_pretrained loads; official: a FCMAE encoder in the released layout")
+                        "from_pretrained loads; official: a FCMAE encoder in the released layout; onnx: "
+                        "OUT.onnx (batch and image size dynamic), written only when onnxruntime's outputs "
+                        "match torch's (needs pip install onnx onnxscript onnxruntime)")
     c.add_argument("--labels", default=None, metavar="FILE",
                    help="hf: class names, one a line in class order (default: the source's, else LABEL_i)")
+    c.add_argument("--input_size", "--input-size", dest="image_size", type=int, default=224, metavar="PX",
+                   help="onnx: the image size onnxruntime is checked at, and that + 32 (default 224; at least 64)")
     p = sub.add_parser("to_timm", help="ours or official (fine-tune or FCMAE) -> timm names "
                                        "(= convert --to timm)")
-    p.set_defaults(to="timm", labels=None)
+    p.set_defaults(to="timm", labels=None, image_size=224)
+    a = sub.add_parser("average", help="the mean of checkpoints' weights, and of their EMA weights when "
+                                       "every one has them -> a checkpoint that --eval True --resume "
+                                       "evaluates and --finetune starts from")
+    a.add_argument("dst", metavar="OUT",
+                   help="the averaged checkpoint (.pth): the first IN's args and extra (settings, class "
+                        "names), the newest IN's epoch, no optimizer, scaler or RNG state (to train on "
+                        "from it, use --finetune OUT)")
+    a.add_argument("src", metavar="IN", nargs="+",
+                   help="two or more checkpoints of one model (same variant, classes and bands), e.g. a "
+                        "run's last epoch checkpoints; integer buffers are the first IN's")
     for q in (c, p):
         q.add_argument("src", metavar="IN")
         q.add_argument("dst", metavar="OUT", help="ending in .safetensors: a safetensors file")
+    for q in (c, p, a):
         q.add_argument("--model-key", "--model_key", dest="model_key", default=DEFAULT_MODEL_KEY,
                        help="checkpoint key(s) holding the weights, first present wins "
                             f"(default {DEFAULT_MODEL_KEY})")
@@ -748,7 +859,11 @@ def main(argv=None):
     """The CLI; a ModelError or a failed write is one line `error: ...` on stderr and exit 2."""
     args = build_parser().parse_args(argv)
     try:
-        print(f"wrote {args.dst}; {convert(args.src, args.dst, args.to, args.model_key, args.labels)}")
+        if args.command == "average":
+            done = average_checkpoints(args.src, args.dst, args.model_key)
+        else:
+            done = convert(args.src, args.dst, args.to, args.model_key, args.labels, args.image_size)
+        print(f"wrote {args.dst}; {done}")
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

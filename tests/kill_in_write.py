@@ -3,7 +3,9 @@ kill at the worst moment, on purpose rather than by chance (tests/test_faults.py
 
     python tests/kill_in_write.py N main_finetune.py ARGS...
 
-(or forkrun.start("tests/kill_in_write.py", [N, "main_finetune.py", *ARGS], ...)). The fault
+(or forkrun.start("tests/kill_in_write.py", [N, "main_finetune.py", *ARGS], ...)). Under
+`torchrun --max-restarts`, `N:RANK:ATTEMPT` arms it in one process only: rank RANK of the attempt
+whose TORCHELASTIC_RESTART_COUNT is ATTEMPT; every other process runs the script as it is. The fault
 lives here, in the test's child process only: atomic.atomic_file is wrapped so that the
 N-th checkpoint-*.pth save writes the first half of its bytes into the real temporary file,
 fsyncs it and kills the process, leaving what a kill mid-write leaves.
@@ -46,9 +48,11 @@ def install(n):
 
 
 def main(argv):
-    n, script, args = int(argv[0]), argv[1], argv[2:]
+    n, *where = argv[0].split(":")
+    script, args = argv[1], argv[2:]
     script = script if os.path.isabs(script) else os.path.join(ROOT, script)
-    install(n)
+    if not where or where == [os.environ.get("RANK"), os.environ.get("TORCHELASTIC_RESTART_COUNT")]:
+        install(int(n))
     sys.argv = [script, *args]  # what `python script ARGS` would see
     runpy.run_path(script, run_name="__main__")
 

@@ -121,6 +121,8 @@ ROWS = [
      "--finetune {d}/femto.pth: checkpoint does not fit the model: downsample_layers.0.0.weight"),
     ("pretrain_resume_other_architecture", "main_pretrain.py", ["--resume", "{d}/femto_fcmae.pth"],
      "does not match --model: encoder.downsample_layers.0.0.weight"),
+    ("resume_weights_only", "main_finetune.py", ["--model", "convnextv2_femto", "--resume", "{d}/femto.pth"],
+     "--resume {d}/femto.pth holds weights but no training state (no epoch); start a run from it with --finetune"),
     ("resume_missing_file", "main_finetune.py", ["--resume", "{d}/nope.pth"], "--resume {d}/nope.pth: no such file"),
     ("finetune_missing_file", "main_finetune.py", ["--finetune", "{d}/nope.pth"], "--finetune {d}/nope.pth: no such file"),
     ("resume_damaged_file", "main_finetune.py", ["--resume", "{d}/truncated.pth"], "is damaged or not a torch file"),

@@ -1,5 +1,6 @@
 """Exact resume: a run stopped by SIGTERM mid-epoch and started again ends with the same
-weights, bit for bit, as a run that never stopped (CPU; 1 and 2 processes; RGB and 4 bands)."""
+weights, bit for bit, as a run that never stopped (CPU; 1 and 2 processes, the latter SIGTERM
+to torchrun; RGB and 4 bands; with and without loader workers)."""
 import signal
 
 import pytest
@@ -16,6 +17,9 @@ ARGS = TINY + ["--synthetic_train_samples", "192", "--epochs", "2", "--batch_siz
 DEVICE = ["--device_transforms", "true", "--reprob", "0.5", "--mixup", "0.8", "--cutmix", "1.0"]
 # four bands of float data (the built-in set's, only the last band carrying the class), flipped both ways
 BANDS = ["--in_chans", "4", "--vflip", "0.5", "--reprob", "0.5"]
+# a loader worker per rank: torchrun passes its SIGTERM to each rank's whole process group, and the
+# workers must leave the stop to their rank (util/data/loaders.py), or the preemption is a failure
+WORKERS = ["--num_workers", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,7 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("nproc,sig,extra", [(1, signal.SIGTERM, []), (2, signal.SIGTERM, []),
                                              (1, signal.SIGUSR2, BANDS), (1, signal.SIGTERM, DEVICE),
-                                             (2, signal.SIGTERM, DEVICE + BANDS)],
+                                             (2, signal.SIGTERM, DEVICE + BANDS + WORKERS)],
                          ids=["1proc", "2proc", "1proc-usr2-bands", "1proc-device", "2proc-device-bands"])
 def test_preempted_run_resumes_bit_identical(tmp_path, reference, nproc, sig, extra):
     ref = reference(nproc, extra)

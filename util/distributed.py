@@ -94,13 +94,49 @@ def init_distributed(args):
         timeout = datetime.timedelta(seconds=float(args.dist_timeout))
         if launcher == "slurm":
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
-        dist.init_process_group(backend=backend, init_method=args.dist_url,
+        store = None
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and args.dist_url == "env://":
+            # torchrun's agent serves the store at MASTER_ADDR:MASTER_PORT and keeps the same one
+            # across `--max-restarts` attempts, and torch's env:// adds no per-attempt prefix: each
+            # rank's gloo address from the attempt before stays under the same key, so a rank that
+            # reads a peer's key before the restarted peer rewrote it connects to a dead process
+            # (connectFullMesh refused) or pairs wrongly and hangs. One key space per attempt.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"attempt-{attempt}", dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                timeout=timeout))
+        dist.init_process_group(backend=backend, init_method=None if store else args.dist_url, store=store,
                                 world_size=world, rank=rank, timeout=timeout)
     return DistInfo(rank, world, local, device, distributed, launcher)
 
 
 def is_dist():
     return dist.is_available() and dist.is_initialized()
+
+
+def torchrun_attempt():
+    """This process's attempt of a `torchrun --max-restarts N` group, from the variables torchrun's
+    agent sets: {"restart_count" (TORCHELASTIC_RESTART_COUNT, 0 for the first attempt),
+    "max_restarts", "restarts_left", "run_id"}; None when torchrun's agent did not start it."""
+    env = os.environ
+    if not env.get("TORCHELASTIC_RESTART_COUNT", "").isdigit():
+        return None
+    count, most = int(env["TORCHELASTIC_RESTART_COUNT"]), int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0)
+    return {"restart_count": count, "max_restarts": most, "restarts_left": max(most - count, 0),
+            "run_id": env.get("TORCHELASTIC_RUN_ID")}
+
+
+def is_group_failure(error):
+    """Did `error` (or an error it was raised from) come out of the process group's communication:
+    a peer died or stopped answering? A collective torch runs for us raises a DistError; DDP's
+    all-reduce inside backward reaches us through autograd as a plain RuntimeError that carries
+    the backend's message (gloo's names its transport source file, NCCL's names NCCL)."""
+    while error is not None:
+        if isinstance(error, dist.DistError) or (
+                isinstance(error, RuntimeError) and any(m in str(error) for m in ("gloo/transport", "NCCL"))):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def get_rank():

@@ -169,6 +169,19 @@ TABLE = (
     _flag("print_freq", 20, int, "console and TensorBoard line every N steps", role=SETTING, checks=(R(1),)),
     _flag("skip_nonfinite", 0, int, "skip up to N steps with a non-finite loss (0: stop at the first)",
           role=SETTING, checks=(R(0),)),
+    # ------------------------------------------------------------ trackers (util/tracking.py): mirror a run
+    _flag("log_wandb", False, str2bool, "also log to Weights & Biases (WANDB_MODE=offline: to local files, "
+                                        "`wandb sync` later)", role=SETTING),
+    _flag("wandb_project", "convnextv2", str, "with --log_wandb: the W&B project", role=SETTING),
+    _flag("wandb_entity", None, str, "with --log_wandb: the W&B team or user (default: your W&B default)",
+          role=SETTING),
+    _flag("wandb_tags", None, str, "with --log_wandb: tags of the W&B run", nargs="+", metavar="TAG",
+          role=SETTING),
+    _flag("mlflow_uri", None, str, "also log to MLflow at this tracking URI (sqlite:///mlflow.db: a local "
+                                   "file; http://host:5000: a server)", role=SETTING, metavar="URI"),
+    _flag("mlflow_experiment", "convnextv2", str, "with --mlflow_uri: the MLflow experiment", role=SETTING),
+    _flag("upload_checkpoints", False, str2bool, "with --log_wandb or --mlflow_uri: upload checkpoint-best.pth "
+                                                 "and checkpoint-last.pth when the run completes", role=SETTING),
     # ------------------------------------------------------------ speed
     _flag("channels_last", False, str2bool, "channels_last memory format for timm models (ours use it inside)",
           role=SETTING, nargs="?", const=True),
@@ -267,6 +280,10 @@ TABLE = (
           fixed={PT: None}, **_ft),
     _flag("eval", False, str2bool, "only evaluate (with --resume or --finetune)", role=LAUNCH,
           study="--eval only evaluates; a study trains: leave it out", fixed={PT: False}, **_ft),
+    _flag("predict", None, str, "only label images: run the --resume checkpoint's classifier over PATH (a folder "
+          "of images at any depth, a CSV file with a path column, or .tar shards) and write predictions.csv (top-5 "
+          "classes per file) next to the checkpoint or into --output_dir", role=LAUNCH, metavar="PATH",
+          study="--predict labels images; a study trains: leave it out", fixed={PT: None}, **_ft),
     _flag("dist_eval", True, str2bool, "shard evaluation over the ranks (exact counts either way)", role=SETTING,
           **_ft),
     _flag("disable_eval", False, str2bool, "no evaluation during training", fixed={PT: True}, **_ft),

@@ -8,7 +8,16 @@ The flags are CPU tensors reduced over gloo: the default process group when its 
 gloo, otherwise (NCCL) a gloo group of all ranks made for them at the first poll. A CUDA tensor
 built from a Python list and read back with bool() would be a host-device copy and sync at
 every optimizer step.
+
+A stop signal is also what torchrun's agent sends the survivors when a rank died: a teardown,
+not a preemption. No stop can be agreed with a dead peer, so a rank that got a signal waits for
+the flags' all-reduce at most PEER_WAIT_S; a collective that fails or does not complete, or any
+error after the signal, ends the process as Interrupted (run.json `interrupted`, exit status 3)
+without writing anything more: the restart resumes from the newest whole checkpoint. A real
+preemption reaches every live rank, so the all-reduce completes and the run stops at a step
+boundary as before.
 """
+import datetime
 import signal
 import threading
 import time
@@ -16,11 +25,56 @@ import time
 import torch
 import torch.distributed as dist
 
-from util.distributed import is_dist
+from util.distributed import is_dist, torchrun_attempt
 
 
 class Preempted(Exception):
     """Raised after the state was saved because a stop was requested."""
+
+
+EXIT_INTERRUPTED = 3
+# How long a rank that got a stop signal waits for its peers' half of the flags' all-reduce. They
+# launched it one optimizer step ago (the loop polls at the same steps everywhere), so in a whole
+# group it is long done; well under the 30 s torchrun's agent grants before its SIGKILL.
+PEER_WAIT_S = 10.0
+
+
+class Interrupted(SystemExit):
+    """The group broke under this rank (a peer died or stopped answering; the launcher is
+    stopping the processes): exit status 3, run.json `interrupted`, nothing more written. A
+    SystemExit, so that no caller (a search's trial loop) takes it for an ordinary failure."""
+    run_status = "interrupted"
+
+    def __init__(self, what):
+        super().__init__(EXIT_INTERRUPTED)
+        left = (torchrun_attempt() or {}).get("restarts_left", 0)
+        then = f"torchrun restarts the group ({left} restarts left)" if left else "run the same command"
+        self.reason = f"{what}; {then} to resume from the newest whole checkpoint"
+
+
+def interruption(error, stop):
+    """`error` as an Interrupted when it is a teardown of a multi-process run: an Interrupted
+    already, an error after a stop signal reached this rank (a peer's death makes the next
+    collective fail), or a failed collective (a peer died before the launcher's signal came).
+    None otherwise: a UserError, a bug, a one-process run keep their own status."""
+    from util.distributed import is_group_failure
+    from util.errors import UserError
+    if isinstance(error, Interrupted):
+        return error
+    if not is_dist() or not isinstance(error, Exception) or isinstance(error, UserError):
+        return None
+    if stop is not None and stop.requested:
+        return Interrupted(f"{stop.requested} while a peer was gone ({type(error).__name__}: {_first_line(error)})")
+    if is_group_failure(error):
+        return Interrupted(f"a collective failed: a peer died or stopped answering "
+                           f"({type(error).__name__}: {_first_line(error)})")
+    return None
+
+
+def _first_line(error):
+    """The error's first sentence: the backends append advice ("This is typically caused by...")."""
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return line.split(". ")[0][:300]
 
 
 class StopSignals:
@@ -67,8 +121,7 @@ class StopSignals:
         group = self._flags_group()
         decided = (False, False)
         if self._pending is not None:
-            work, t = self._pending
-            work.wait()
+            t = self._wait()
             decided = (bool(t[0] > 0), bool(t[1] > 0))
         t = torch.tensor(self._local())  # CPU: no device copy, no device sync
         self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group, async_op=True), t)
@@ -90,8 +143,23 @@ class StopSignals:
     def saved(self):
         self.last_save = time.time()
 
+    def _wait(self):
+        """The in-flight all-reduce's result. After a stop signal, PEER_WAIT_S at most: a peer
+        that does not answer by then is gone (torchrun's agent stops the survivors of a dead
+        rank with the same SIGTERM a preemption sends)."""
+        work, t = self._pending
+        if not self.requested:
+            work.wait()
+            return t
+        try:
+            if work.wait(datetime.timedelta(seconds=PEER_WAIT_S)) is False:
+                raise RuntimeError(f"no answer within {PEER_WAIT_S:.0f} s")
+        except RuntimeError as e:
+            raise Interrupted(f"{self.requested} and a peer did not join the stop ({_first_line(e)})") from e
+        return t
+
     def drain(self):
         """Finish an in-flight all-reduce (before a collective of another kind)."""
         if self._pending is not None:
-            self._pending[0].wait()
+            self._wait()
             self._pending = None

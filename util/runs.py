@@ -29,7 +29,8 @@ from util.errors import UserError, user_errors
 
 SIGNATURE_VERSION = 3  # bump when the signature's meaning changes (a default included); see docs/runs.md
 KINDS = ("finetune", "pretrain")
-STATUSES = ("running", "completed", "failed", "preempted", "pruned")  # pruned: stopped by a search
+STATUSES = ("running", "completed", "failed", "preempted", "pruned", "interrupted")  # pruned: stopped by a
+# search; interrupted: the group broke under the run (a rank died), it resumes when started again
 DEFAULT_ROOT = "runs"
 RECORD = "run.json"
 CONFIG = "config.yaml"
@@ -311,7 +312,7 @@ DEFAULT_METRIC = {"finetune": "acc1", "pretrain": "loss"}
 _RESERVED = frozenset({
     "format", "name", "run_dir", "kind", "signature", "signature_version", "status", "reason",
     "git_commit", "git_dirty", "command", "hostnames", "world_size", "versions", "slurm",
-    "started", "ended", "updated", "epoch", "step", "total_epochs", "best_metric", "restarts"})
+    "started", "ended", "updated", "epoch", "step", "total_epochs", "best_metric", "restarts", "torchrun"})
 
 
 class RunRecord:
@@ -366,23 +367,26 @@ class RunRecord:
         """Mark the run running and append this launch to `restarts`."""
         if not self.is_main:
             return
+        from util.distributed import torchrun_attempt  # not at import: the cheap checks load no torch
         now, d = _now(), self.data
         commit, dirty = git_state()
         sig = self.signature
+        # how the launch before ended, as it left the record: "running" when it was killed outright
+        previous = {k: d.get(k) for k in ("status", "reason", "epoch", "step", "updated")} if d.get("status") else None
         d.update(format=1, name=os.path.basename(os.path.abspath(self.run_dir)),
                  run_dir=os.path.abspath(self.run_dir), kind=self.kind, signature=sig,
                  signature_version=SIGNATURE_VERSION, status="running", reason=None, ended=None,
                  git_commit=commit, git_dirty=dirty, command=shlex.join(sys.argv),
                  hostnames=self.hostnames, world_size=self.world_size, versions=versions(),
-                 slurm=slurm_info(), epoch=int(start_epoch), step=int(start_step),
+                 slurm=slurm_info(), torchrun=torchrun_attempt(), epoch=int(start_epoch), step=int(start_step),
                  total_epochs=self.args.epochs)
         d.setdefault("started", now)
         d.setdefault("best_metric", None)
         d.setdefault("restarts", []).append({
             "time": now, "resumed": bool(resumed), "start_epoch": int(start_epoch),
             "start_step": int(start_step), "world_size": self.world_size,
-            "hostnames": self.hostnames, "slurm": d["slurm"], "git_commit": commit,
-            "signature": sig})
+            "hostnames": self.hostnames, "slurm": d["slurm"], "torchrun": d["torchrun"], "git_commit": commit,
+            "signature": sig, "previous": previous})
         self._extra(extra)
         self._write()
 
@@ -407,7 +411,7 @@ class RunRecord:
         self._write()
 
     def finish(self, status, reason=None, **extra):
-        """Final status: completed | failed | preempted | pruned (reason: why it stopped)."""
+        """Final status: completed | failed | preempted | pruned | interrupted (reason: why it stopped)."""
         if status not in STATUSES[1:]:
             raise ValueError(f"finish status must be one of {STATUSES[1:]}, got {status!r}")
         if not self.is_main:

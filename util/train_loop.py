@@ -79,12 +79,12 @@ def train_one_epoch(model, loss_fn, data_loader, optimizer, device, epoch, args,
                     lr_schedule=None, wd_schedule=None, start_step=0, tb=None, stop=None, save_fn=None,
                     checks=None, skipped_steps=None):
     """Train one epoch from micro-step `start_step`: the update's lr and weight decay from the
-    schedules (one value per optimizer update), train_step for each batch, a log line (console,
-    TensorBoard `tb`) every --print_freq steps and `checks()` before it; after each update
-    `stop` (util/preemption.StopSignals) is polled: `save_fn(epoch, next_step)` writes the
-    rolling checkpoint, and a requested stop raises Preempted after saving. Steps skipped under
-    --skip_nonfinite are appended to `skipped_steps` ([epoch, step]). Returns the epoch's
-    averaged stats."""
+    schedules (one value per optimizer update), train_step for each batch, a log line (console;
+    `tb`: TensorBoard and the trackers, util/tracking.Tracking) every --print_freq steps and
+    `checks()` before it; after each update `stop` (util/preemption.StopSignals) is polled:
+    `save_fn(epoch, next_step)` writes the rolling checkpoint, and a requested stop raises
+    Preempted after saving. Steps skipped under --skip_nonfinite are appended to `skipped_steps`
+    ([epoch, step]). Returns the epoch's averaged stats."""
     model.train()
     uf, world = args.update_freq, get_world_size()
     # the loader of a resumed epoch holds its remaining batches only

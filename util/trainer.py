@@ -21,11 +21,12 @@ from util.console import info
 from util.data.bad_images import attach_bad_image_log, bad_image_counts, bad_image_summary
 from util.data.device_batches import device_loader, on_device
 from util.errors import UserError
-from util.logger import TensorBoard, append_json_log
+from util.logger import append_json_log
 from util.optim import create_optimizer, effective_lr, global_batch, lr_schedule, updates_per_epoch
-from util.preemption import Preempted, StopSignals
+from util.preemption import Preempted, StopSignals, interruption
 from util.run_context import RunContext, open_run, run_record
 from util.train_loop import Amp, train_one_epoch
+from util.tracking import Tracking
 from util.train_state import TrainingState, resume_point, save_epoch_checkpoints
 from util.validate import check_inputs
 
@@ -154,7 +155,13 @@ class Trainer:
                                    self.optimizer, m.amp.scaler, m.ema)
         self.state.extra.update(self.extra)
         self.state.extra["signature"] = self.record.signature
-        return resume_point(self.args, self.ctx.run_dir, self.state)
+        start = resume_point(self.args, self.ctx.run_dir, self.state)
+        classes = getattr(self.task.train_set, "classes", None)
+        if self.task.nb_classes and classes is not None and len(classes) == self.task.nb_classes:
+            # the class names, in label order, for --predict; set after the restore, which brings
+            # back the extra of a checkpoint written before checkpoints kept them
+            self.state.extra["classes"] = [str(c) for c in classes]
+        return start
 
     def preflight(self):
         """--preflight: the real training step on two batches, timed; nothing is written."""
@@ -189,17 +196,18 @@ class Trainer:
 
     def fit(self, epoch_callback=None, record_extra=None):
         """Train from where the run stopped to --epochs. After each epoch: evaluation, the best
-        metric, checkpoints, log.txt, TensorBoard, run.json, then `epoch_callback(epoch, log)` on
-        every rank (the search reports and prunes there). `record_extra`: more run.json fields.
-        Ends the record as completed, preempted or failed; returns {"status", "run_dir"(, "best")}."""
+        metric, checkpoints, log.txt, TensorBoard and trackers, run.json, then `epoch_callback(epoch,
+        log)` on every rank (the search reports and prunes there). `record_extra`: more run.json fields.
+        Ends the record completed, preempted, failed or interrupted; returns {"status", "run_dir"(, "best")}."""
         args, task, m, run_dir, record = self.args, self.task, self.models, self.ctx.run_dir, self.record
         start = self._training_state()
         state, upe = self.state, self.updates_per_epoch
+        extra = {**self.extra, **(record_extra or {})}
+        # TensorBoard, W&B, MLflow past the step resumed from; ids in run.json: one tracker run per run
+        resumed_at = start.epoch * upe + start.step // args.update_freq if start.path else -1
+        tb = Tracking(args, task.kind, self.ctx, record, extra.get("study"), upe, resumed_at)
         record.start(resumed=start.path is not None, start_epoch=start.epoch, start_step=start.step,
-                     n_parameters=self.n_parameters, **{**self.extra, **(record_extra or {})})
-        # the first step this run will log; TensorBoard drops what a stopped run logged from there on
-        tb = TensorBoard(self.ctx.log_dir, purge_step=start.epoch * upe + start.step // args.update_freq + 1
-                         if start.path else None)
+                     n_parameters=self.n_parameters, **extra, **tb.ids)
         stop = StopSignals(args.save_ckpt_minutes, self.ctx.dist.rank).install()
         # the same list as the checkpoint's, so a resumed run keeps counting skips
         skipped = state.extra.setdefault("skipped_steps", [])
@@ -239,8 +247,7 @@ class Trainer:
                 except UserError as e:  # e.g. too many bad images: the epoch still gets its log line
                     stop_after_logging = e
                 append_json_log(run_dir, log)
-                tb.scalars(epoch, prefix="epoch/", **{k: v for k, v in log.items()
-                                                     if isinstance(v, (int, float)) and k != "epoch"})
+                tb.epoch(epoch, log)
                 tb.flush()
                 record.update(epoch=epoch + 1, step=0, best_metric=state.best,
                               **{k: v for k, v in log.items() if k in ("bad_images", "bad_val_images")},
@@ -253,6 +260,13 @@ class Trainer:
                     # a signal during the last step, the evaluation or the save: the epoch's
                     # checkpoint is written, so stop now rather than after the next epoch's first step
                     raise Preempted(f"stopped after epoch {epoch}")
+            if args.save_ckpt:
+                # checkpoint-last.pth of a completed run is its final state, the same as
+                # checkpoint-<last epoch>.pth (not an older rolling save): a second whole copy, which
+                # auto-resume falls back to should the epoch file be damaged. Every rank saves.
+                state.save(os.path.join(run_dir, "checkpoint-last.pth"), epoch=args.epochs - 1, step=0,
+                           updates_per_epoch=upe, update_freq=args.update_freq, epoch_done=True)
+            record.finish("completed")
         except Preempted as p:
             record.finish("preempted", reason=str(p))
             info(f"preempted: state saved in {run_dir}; run the same command to resume"
@@ -260,6 +274,11 @@ class Trainer:
             du.cleanup()
             return {"status": "preempted", "run_dir": run_dir}
         except BaseException as e:  # an exception may name its own status (util/hpo/trial.py: "pruned")
+            cut = interruption(e, stop)
+            if cut is not None:  # the group broke under this rank: a teardown, not this run's failure
+                print(f"interrupted: {cut.reason}", file=sys.stderr, flush=True)  # every rank says it
+                record.finish("interrupted", reason=cut.reason)
+                raise cut from None
             info(f"run directory: {run_dir}")
             try:
                 record.finish(getattr(e, "run_status", "failed"), reason=f"{type(e).__name__}: {e}",
@@ -268,15 +287,9 @@ class Trainer:
                 print(f"warning: {unwritten}", file=sys.stderr, flush=True)
             raise
         finally:
+            tb.finish(record.data.get("status"), state.best)  # the trackers end as run.json says
             tb.close()
             stop.uninstall()
-        if args.save_ckpt:
-            # checkpoint-last.pth of a completed run is its final state, the same as
-            # checkpoint-<last epoch>.pth (not an older rolling save): a second whole copy, which
-            # auto-resume falls back to should the epoch file be damaged. Every rank saves.
-            state.save(os.path.join(run_dir, "checkpoint-last.pth"), epoch=args.epochs - 1, step=0,
-                       updates_per_epoch=upe, update_freq=args.update_freq, epoch_done=True)
-        record.finish("completed")
         info(f"training time {time.time() - t_start:.0f} s; best {state.best['name']} {state.best['value']}")
         info(f"run directory: {run_dir}{bad_image_summary(task.train_set)}")
         du.cleanup()

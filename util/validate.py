@@ -55,10 +55,43 @@ def check_cheap(args, kind):
             readable_file(path, flag, "give the path of a .pth checkpoint")
     if args.eval and not (args.resume or args.finetune):
         raise UserError("--eval True needs --resume or --finetune to know which weights to evaluate")
-    check_writable(args.output_dir or os.path.join(args.runs_root or "runs", kind),
-                   "--output_dir" if args.output_dir else "--runs_root")
+    if args.predict:  # predictions.csv goes into --output_dir or next to the checkpoint: nothing else is written
+        if not args.resume or args.eval:
+            raise UserError("--predict needs --resume CKPT, a checkpoint a fine-tuning run wrote (its settings name "
+                            "the model, classes and image size), and no --eval True")
+        if not os.path.exists(args.predict) and not any(c in args.predict for c in "*?["):  # a pattern: util/predict
+            raise UserError(f"--predict {args.predict}: no such file or folder; give a folder of images, a CSV "
+                            "file with a path column, or .tar shards")
+        check_writable(args.output_dir or os.path.dirname(args.resume) or ".",
+                       "--output_dir" if args.output_dir else "the --resume folder")
+    else:
+        check_writable(args.output_dir or os.path.join(args.runs_root or "runs", kind),
+                       "--output_dir" if args.output_dir else "--runs_root")
     if args.log_dir:  # TensorBoard events go there, not into the run folder
         check_writable(args.log_dir, "--log_dir")
+    check_trackers(args)
+
+
+def check_trackers(args):
+    """--log_wandb and --mlflow_uri: the package is installed (looked up, not imported: a plain run
+    imports neither), and online W&B has a login (read from WANDB_API_KEY or ~/.netrc, checked with
+    no network). What only starting them tells (a URI MLflow cannot open, a server that refuses)
+    stops the run before its first step (util/tracking.start_trackers)."""
+    import importlib.util
+    for on, package, flag in ((args.log_wandb, "wandb", "--log_wandb"), (args.mlflow_uri, "mlflow", "--mlflow_uri")):
+        try:
+            found = on and importlib.util.find_spec(package) is not None
+        except (ImportError, ValueError):  # a package present but broken
+            found = False
+        if on and not found:
+            pip = "mlflow-skinny" if package == "mlflow" else package
+            raise UserError(f"{flag} needs the {package} package: pip install {pip}")
+    mode = os.environ.get("WANDB_MODE", "online").lower()
+    if args.log_wandb and mode not in ("offline", "disabled", "dryrun"):
+        import wandb
+        if not wandb.login(verify=False, prompt=False):
+            raise UserError("--log_wandb: no W&B login; run `wandb login` (or set WANDB_API_KEY), or set "
+                            "WANDB_MODE=offline to log to local files and `wandb sync` them later")
 
 
 def check_model_name(name, kind):
@@ -127,6 +160,9 @@ def check_checkpoints(args, model_fn):
                             "entry); to start from other weights use --finetune")
         if model is not None:
             check_state_dict_matches(model, ckpt["model"], f"--resume {args.resume}")
+        if not args.eval and "epoch" not in ckpt:  # e.g. `convert --to ours` output, an average of such
+            raise UserError(f"--resume {args.resume} holds weights but no training state (no epoch); "
+                            f"start a run from it with --finetune {args.resume}, or evaluate it with --eval True")
     if args.finetune:
         from models.errors import ModelError
         from models.weights import explain, fit, fit_fcmae, is_fcmae, read_folder_or_safetensors, select_state_dict
