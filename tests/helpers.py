@@ -69,27 +69,48 @@ def run_record(run_dir):
         return json.load(f)
 
 
-def stop_midway(args, nproc, sig, at_step=5):
-    """Start the run, send `sig` once it has logged step `at_step` of epoch 0, wait for it to end."""
+def children(pid):
+    """The pids of `pid`'s child processes (Linux /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def stop_midway(args, nproc, sig, at_step=5, every_process=False):
+    """Start the run, send `sig` once it has logged step `at_step` of epoch 0, wait for it to end.
+    `every_process`: to the launched process and all its descendants (loader workers too), as
+    Slurm signals every process of a job; else to the launched process alone."""
     p = subprocess.Popen(command("main_finetune.py", args, nproc), env=script_env(), cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     for line in p.stdout:
         lines.append(line)
         if f"train epoch 0 [{at_step}/" in line:
-            p.send_signal(sig)
+            pids, i = [p.pid], 0
+            while every_process and i < len(pids):
+                pids += children(pids[i])
+                i += 1
+            for pid in pids:
+                os.kill(pid, sig)
             break
     lines += p.stdout.readlines()
     p.wait(timeout=120)
     return "".join(lines)
 
 
-def stop_and_resume(args, cut, nproc, steps_per_epoch, sig=signal.SIGTERM, at_step=5):
+def stop_and_resume(args, cut, nproc, steps_per_epoch, sig=signal.SIGTERM, at_step=5, every_process=False):
     """The run in `cut` stopped by `sig` after step `at_step` of epoch 0 (recorded preempted,
     its last checkpoint inside epoch 0, at or after that step), then started again and run to
     its end (recorded completed)."""
     args = args + ["--output_dir", str(cut)]
-    out = stop_midway(args, nproc, sig, at_step)
+    out = stop_midway(args, nproc, sig, at_step, every_process)
     assert run_record(cut)["status"] == "preempted", out[-2000:]
     ck = torch.load(os.path.join(cut, "checkpoint-last.pth"), map_location="cpu", weights_only=True)
     assert ck["epoch"] == 0 and at_step <= ck["step"] < steps_per_epoch, ck["step"]

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from tests import forkrun
-from tests.helpers import ROOT, TINY, _free_port, command, read_log, run_record, script_env
+from tests.helpers import ROOT, TINY, _free_port, children, command, read_log, run_record, script_env
 
 pytestmark = pytest.mark.slow
 
@@ -381,19 +381,6 @@ def test_relaunch_after_fixing_bad_images_resumes(corrupt_data, tmp_path):
 
 # ---------------------------------------------------------------- a rank dies or hangs
 
-def _children(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
 def _rank_of(pid):
     with open(f"/proc/{pid}/environ", "rb") as f:
         env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
@@ -416,7 +403,7 @@ def test_torchrun_run_ends_when_a_rank_is_killed(tmp_path):
         lines.append(line)
         if "train epoch 0 [2/" in line:
             break
-    workers = {_rank_of(c): c for c in _children(p.pid)}
+    workers = {_rank_of(c): c for c in children(p.pid)}
     os.kill(workers[1], signal.SIGKILL)
     t0 = time.time()
     lines += p.stdout.readlines()

@@ -17,8 +17,9 @@ ARGS = TINY + ["--synthetic_train_samples", "192", "--epochs", "2", "--batch_siz
 DEVICE = ["--device_transforms", "true", "--reprob", "0.5", "--mixup", "0.8", "--cutmix", "1.0"]
 # four bands of float data (the built-in set's, only the last band carrying the class), flipped both ways
 BANDS = ["--in_chans", "4", "--vflip", "0.5", "--reprob", "0.5"]
-# a loader worker per rank: torchrun passes its SIGTERM to each rank's whole process group, and the
-# workers must leave the stop to their rank (util/data/loaders.py), or the preemption is a failure
+# a loader worker per rank: torchrun passes its SIGTERM to each rank's whole process group, Slurm
+# to every process of the job, and the workers must leave the stop to their rank
+# (util/data/loaders.py), or the preemption is a failure
 WORKERS = ["--num_workers", "1"]
 
 
@@ -36,15 +37,18 @@ def reference(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("nproc,sig,extra", [(1, signal.SIGTERM, []), (2, signal.SIGTERM, []),
-                                             (1, signal.SIGUSR2, BANDS), (1, signal.SIGTERM, DEVICE),
-                                             (2, signal.SIGTERM, DEVICE + BANDS + WORKERS)],
-                         ids=["1proc", "2proc", "1proc-usr2-bands", "1proc-device", "2proc-device-bands"])
-def test_preempted_run_resumes_bit_identical(tmp_path, reference, nproc, sig, extra):
-    ref = reference(nproc, extra)
-    args = ARGS + extra
+@pytest.mark.parametrize("nproc,sig,extra,workers,every_process", [
+    (1, signal.SIGTERM, [], False, False), (2, signal.SIGTERM, [], False, False),
+    (1, signal.SIGUSR2, BANDS, False, False), (1, signal.SIGTERM, DEVICE, False, False),
+    (2, signal.SIGTERM, DEVICE + BANDS, True, False),
+    (1, signal.SIGTERM, [], True, True)],  # as Slurm preempts: SIGTERM to every process, workers too
+    ids=["1proc", "2proc", "1proc-usr2-bands", "1proc-device", "2proc-device-bands-workers",
+         "1proc-workers-sigterm-to-all"])
+def test_preempted_run_resumes_bit_identical(tmp_path, reference, nproc, sig, extra, workers, every_process):
+    ref = reference(nproc, extra)  # without loader workers: they change nothing
+    args = ARGS + extra + (WORKERS if workers else [])
     cut = tmp_path / "cut"
-    stop_and_resume(args, cut, nproc, 192 // (8 * nproc), sig)
+    stop_and_resume(args, cut, nproc, 192 // (8 * nproc), sig, every_process=every_process)
     assert_same_weights(ref / "checkpoint-1.pth", cut / "checkpoint-1.pth")
     assert_same_weights(ref / "checkpoint-1.pth", cut / "checkpoint-1.pth", "model_ema")
     assert [e["epoch"] for e in read_log(cut)] == [0, 1]

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, TINY, _free_port, assert_same_weights, run, run_record, script_env
-from tests.test_faults import _children, _ckpts, _position, _rank_of
+from tests.helpers import ROOT, TINY, _free_port, assert_same_weights, children, run, run_record, script_env
+from tests.test_faults import _ckpts, _position, _rank_of
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def test_sigkill_under_torchrun_restarts_resumes_exactly(tmp_path, reference):
             if "test: killing this process halfway through writing" in line:
                 attempt.update(killed=now, file=os.path.basename(line.split()[-1]))
             elif k < len(KILLS) and KILLS[k][1] and "killed" not in attempt and re.search(KILLS[k][1], line):
-                workers = {_rank_of(c): c for c in _children(p.pid)}
+                workers = {_rank_of(c): c for c in children(p.pid)}
                 os.kill(workers[KILLS[k][2]], signal.SIGKILL)
                 attempt["killed"] = now
             m = FAILED.search(line)

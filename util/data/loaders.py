@@ -4,10 +4,12 @@ Augmentation randomness is seeded per sample from (seed, epoch, index), so the i
 do not depend on the number of workers, on the rank layout or on where a run was resumed: the
 basis of exact resume and of the DDP-equivalence tests.
 """
+import functools
 import os
 import random
 import signal
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -105,15 +107,19 @@ def build_eval_loader(dataset, args, world_size, rank):
     return _loader(dataset, sampler, args, drop_last=False, batch_size=int(1.5 * args.batch_size))
 
 
-def _leave_stop_signals_to_the_trainer(worker_id):
+def _leave_stop_signals_to_the_trainer(worker_id, rank):
     """A loader worker leaves stop signals to the training process, which stops at a step
     boundary (util/preemption.py) and ends its workers itself. torchrun's agent signals a rank's
     whole process group, and torch's worker handler ends a worker on a SIGTERM from anyone but
     its parent: the rank then failed on a dead worker instead of stopping (a preemption, a
     teardown after a peer died). So the worker takes a process group of its own (its parent's
-    SIGTERM, at exit, still ends it) and ignores SIGUSR2. On Linux it also dies with its parent:
-    a worker outliving a killed rank holds that rank's sockets open, so its peers would wait for
-    torch's 5-s parent check before their collectives fail and they can stop."""
+    SIGTERM, at exit, still ends it) and ignores SIGUSR2. Slurm signals every process of a job
+    (preemption, scancel, the time limit), whatever its group: so a SIGTERM is taken from a
+    thread that asks who sent it (a Python handler cannot), ending the worker when its rank sent
+    it (`rank`: its pid; a forkserver, not the rank, may be the worker's parent) and ignoring it
+    otherwise. On Linux it also dies with its parent: a worker outliving a
+    killed rank holds that rank's sockets open, so its peers would wait for torch's 5-s parent
+    check before their collectives fail and they can stop."""
     if hasattr(os, "setpgid"):
         os.setpgid(0, 0)
     if sys.platform.startswith("linux"):
@@ -121,6 +127,14 @@ def _leave_stop_signals_to_the_trainer(worker_id):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no Python API has it
     if hasattr(signal, "SIGUSR2"):
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads made later inherit it
+
+        def end_on_the_ranks_sigterm():
+            while signal.sigwaitinfo({signal.SIGTERM}).si_pid != rank:
+                pass
+            os._exit(0)  # what torch's own handler does on its parent's SIGTERM
+        threading.Thread(target=end_on_the_ranks_sigterm, daemon=True).start()
 
 
 def _loader(dataset, sampler, args, drop_last, batch_size=None):
@@ -130,4 +144,4 @@ def _loader(dataset, sampler, args, drop_last, batch_size=None):
     kw["generator"] = torch.Generator().manual_seed(args.seed)
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size or args.batch_size,
                       num_workers=workers, pin_memory=args.pin_mem and torch.cuda.is_available(),
-                      drop_last=drop_last, worker_init_fn=_leave_stop_signals_to_the_trainer, **kw)
+                      drop_last=drop_last, worker_init_fn=functools.partial(_leave_stop_signals_to_the_trainer, rank=os.getpid()), **kw)
