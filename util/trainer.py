@@ -133,8 +133,10 @@ class Trainer:
         self.extra = task.prepare(model)
         model.to(ctx.device)
         ema = task.make_ema(model)
-        self.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        info(f"{task.label} {args.model}: {self.n_parameters / 1e6:.2f}M parameters; lr {ctx.lr:.3e}, "
+        self.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)  # log.txt's, as the original's
+        total = sum(p.numel() for p in model.parameters())  # a probe or --freeze_stages trains fewer
+        trained = f" ({self.n_parameters:,} trained)" if total != self.n_parameters else ""
+        info(f"{task.label} {args.model}: {total / 1e6:.2f}M parameters{trained}; lr {ctx.lr:.3e}, "
              f"global batch {ctx.global_batch} ({args.batch_size} x {args.update_freq} x {world})")
         self.optimizer = create_optimizer(model, ctx.lr, ctx.device, **task.optimizer_settings())
         self.models = place_model(model, ema, Amp.create(args.use_amp, ctx.device), args, dist)
