@@ -38,12 +38,10 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("nproc,sig,extra,workers,every_process", [
-    (2, signal.SIGTERM, [], False, False),
     (1, signal.SIGUSR2, BANDS, False, False), (1, signal.SIGTERM, DEVICE, False, False),
     (2, signal.SIGTERM, DEVICE + BANDS, True, False),
     (1, signal.SIGTERM, [], True, True)],  # as Slurm preempts: SIGTERM to every process, workers too
-    ids=["2proc", "1proc-usr2-bands", "1proc-device", "2proc-device-bands-workers",
-         "1proc-workers-sigterm-to-all"])
+    ids=["1proc-usr2-bands", "1proc-device", "2proc-device-bands-workers", "1proc-workers-sigterm-to-all"])
 def test_preempted_run_resumes_bit_identical(tmp_path, reference, nproc, sig, extra, workers, every_process):
     ref = reference(nproc, extra)  # without loader workers: they change nothing
     args = ARGS + extra + (WORKERS if workers else [])
