@@ -38,3 +38,9 @@ def as_user_error(e, flags=None):
         if message.startswith(f"{arg} "):
             message = flag + message[len(arg):]
     return UserError(message)
+
+
+def first_line(e):
+    """The first non-empty line of an exception's message: compilers, process-group backends and
+    trackers append paragraphs of advice that a one-line report leaves out."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")

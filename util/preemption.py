@@ -25,7 +25,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from util.distributed import is_dist, torchrun_attempt
+from util.distributed import is_dist, is_group_failure, torchrun_attempt
+from util.errors import UserError, first_line
 
 
 class Preempted(Exception):
@@ -57,8 +58,6 @@ def interruption(error, stop):
     already, an error after a stop signal reached this rank (a peer's death makes the next
     collective fail), or a failed collective (a peer died before the launcher's signal came).
     None otherwise: a UserError, a bug, a one-process run keep their own status."""
-    from util.distributed import is_group_failure
-    from util.errors import UserError
     if isinstance(error, Interrupted):
         return error
     if not is_dist() or not isinstance(error, Exception) or isinstance(error, UserError):
@@ -73,8 +72,7 @@ def interruption(error, stop):
 
 def _first_line(error):
     """The error's first sentence: the backends append advice ("This is typically caused by...")."""
-    line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-    return line.split(". ")[0][:300]
+    return first_line(error).split(". ")[0][:300]
 
 
 class StopSignals:

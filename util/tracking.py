@@ -21,14 +21,13 @@ import time
 from util import distributed as du
 from util.config import config_dict
 from util.console import info
-from util.errors import UserError
+from util.errors import UserError, first_line
 from util.logger import TensorBoard
 
 
 def _why(e):
     """An exception as one short line: a tracker's own messages run to paragraphs."""
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-    return f"{type(e).__name__}: {first[:300]}"
+    return f"{type(e).__name__}: {first_line(e)[:300]}"
 
 
 class WandbRun:

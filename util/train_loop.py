@@ -13,7 +13,7 @@ import torch
 
 from util.console import info
 from util.distributed import get_world_size, is_dist
-from util.errors import UserError
+from util.errors import UserError, first_line
 from util.logger import StepMeter, progress_line
 from util.optim import apply_schedule
 from util.preemption import Preempted
@@ -179,9 +179,8 @@ def compile_failed(e):
     """The one line for a first step that failed under --compile: torch.compile compiles at the
     first call (dynamo, inductor, a C++ compiler on CPU, triton on GPU), so that is where a
     platform it cannot compile on shows. Eager runs of the same step give the real traceback."""
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
     return UserError(f"--compile: the first training step failed under torch.compile ({type(e).__name__}: "
-                     f"{first}); run with --compile False to train without compilation")
+                     f"{first_line(e)}); run with --compile False to train without compilation")
 
 
 def _all_finite(loss):
