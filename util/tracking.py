@@ -23,6 +23,7 @@ from util.config import config_dict
 from util.console import info
 from util.errors import UserError, first_line
 from util.logger import TensorBoard
+from util.runs import STATUSES
 
 
 def _why(e):
@@ -245,7 +246,7 @@ class Tracking:
         """End the tracker runs as the run ended (`status` of run.json; "running" when its record could
         not be finished counts as failed): the run directory, the best metric and the paths of the
         best and last checkpoints; with --upload_checkpoints, a completed run's checkpoints too."""
-        status = status if status in MlflowRun.STATUS else "failed"
+        status = status if status in STATUSES[1:] else "failed"  # STATUSES[0]: running
         run_dir, upload = self.run_dir, self.upload and status == "completed"
         paths = {k: os.path.join(run_dir, f"checkpoint-{k}.pth") for k in ("best", "last")}
         summary = {"status": status, "run_dir": run_dir, "best_name": best.get("name"),
